@@ -1,0 +1,96 @@
+"""What the app holds for its lifetime: settings, the pool, Redis, the HTTP client.
+
+The lifespan opens it; on serverless platforms, where a lifespan may never run, the first request
+opens it instead (`get_state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import httpx
+from fastapi import FastAPI, Request
+from redis.asyncio import Redis
+
+from src import db_config, redis_config
+from src.config import Settings
+
+logger = logging.getLogger("gatewayz.state")
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    pool: asyncpg.Pool
+    redis: Redis | None
+    http: httpx.AsyncClient
+    database_url: str
+    started_at: float = field(default_factory=time.time)
+    # Work that outlives its request (stream settlement, for one) and must finish before exit.
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+        return task
+
+
+async def open_state(settings: Settings) -> AppState:
+    database_url = await db_config.resolve_database_url(settings)
+    await db_config.migrate(database_url)
+    pool = await db_config.create_pool(settings, database_url)
+    http = httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=5.0, read=60.0, write=30.0, pool=5.0),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+        follow_redirects=False,
+    )
+    return AppState(
+        settings=settings,
+        pool=pool,
+        redis=redis_config.create_redis(settings),
+        http=http,
+        database_url=database_url,
+    )
+
+
+async def close_state(state: AppState) -> None:
+    if state.background:
+        # In-flight settlements get the shutdown deadline to finish; money is never left half-done
+        # because each settlement is one transaction.
+        _, pending = await asyncio.wait(
+            set(state.background), timeout=state.settings.shutdown_grace_seconds
+        )
+        for task in pending:
+            task.cancel()
+        if pending:
+            logger.warning("cancelled %d background tasks at shutdown", len(pending))
+    await state.http.aclose()
+    if state.redis is not None:
+        await state.redis.aclose()
+    await state.pool.close()
+
+
+async def ensure_state(app: FastAPI) -> AppState:
+    state: AppState | None = getattr(app.state, "gateway", None)
+    if state is not None:
+        return state
+    async with app.state.open_lock:
+        state = getattr(app.state, "gateway", None)
+        if state is None:
+            state = await open_state(app.state.settings)
+            app.state.gateway = state
+    return state
+
+
+async def get_state(request: Request) -> AppState:
+    state: AppState | None = getattr(request.app.state, "gateway", None)
+    if state is not None:
+        return state
+    return await ensure_state(request.app)

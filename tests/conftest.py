@@ -1,0 +1,198 @@
+"""Shared fixtures: a real PostgreSQL per test, the app, an HTTP client, the fake upstream.
+
+The database is `DATABASE_URL` when set (CI points it at the machine's server), else the
+embedded PostgreSQL. Each test gets a fresh database cloned from a template migrated once per
+session, so concurrency tests can run real transactions against it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import httpx
+import pytest
+from cryptography.fernet import Fernet
+from fastapi import FastAPI
+
+if TYPE_CHECKING:
+    from tests.fakes.upstream import FakeUpstream
+
+# Captured and removed before anything reads the environment, so every test builds its own settings.
+TEST_DATABASE_URL = os.environ.pop("DATABASE_URL", None)
+TEST_REDIS_URL = os.environ.pop("REDIS_URL", None)
+IN_CI = os.environ.get("CI", "").lower() == "true"
+for _name in list(os.environ):
+    if _name.startswith(
+        (
+            "OPENROUTER_",
+            "PORTKEY_",
+            "FEATHERLESS_",
+            "CHUTES_",
+            "CUSTOM_PROVIDER_",
+            "STRIPE_",
+            "RESEND_",
+            "PRIVY_",
+            "SUPABASE_",
+        )
+    ) or _name in {
+        "APP_ENV",
+        "SECRET_KEY",
+        "ENCRYPTION_KEYS",
+        "ADMIN_API_KEY",
+        "VERCEL",
+        "RAILWAY_ENVIRONMENT",
+        "METRICS_TOKEN",
+    }:
+        os.environ.pop(_name)
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="gatewayz-tests-"))
+os.environ["GATEWAY_DATA_DIR"] = str(_SESSION_DIR / "default")
+
+from src import db_config  # noqa: E402
+from src.config import Settings  # noqa: E402
+from src.main import create_app  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RUN_ID = uuid.uuid4().hex[:8]
+TEST_SECRET_KEY = "test-secret-key-" + "s" * 40
+TEST_ADMIN_KEY = "gw_admin_test_" + "a" * 40
+TEST_FERNET_KEY = Fernet.generate_key().decode()
+
+
+def _admin_dsn() -> str:
+    if TEST_DATABASE_URL:
+        return TEST_DATABASE_URL
+    data_dir = REPO_ROOT / ".gatewayz" / "test-postgres"
+    return db_config.start_embedded_server(data_dir)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> str:
+    """A DSN on the test server with the right to create databases."""
+    return _admin_dsn()
+
+
+async def _drop_database(admin_dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+async def template_database(pg_admin_dsn: str) -> AsyncIterator[str]:
+    name = f"gwt_{RUN_ID}_template"
+    dsn = await db_config.ensure_database(pg_admin_dsn, name)
+    await db_config.migrate(dsn)
+    yield name
+    await _drop_database(pg_admin_dsn, name)
+
+
+_counter = iter(range(1_000_000))
+
+
+async def create_test_database(pg_admin_dsn: str, template: str) -> tuple[str, str]:
+    name = f"gwt_{RUN_ID}_{next(_counter)}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await conn.close()
+    return name, db_config.with_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+async def database_url(pg_admin_dsn: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test alone."""
+    name, dsn = await create_test_database(pg_admin_dsn, template_database)
+    yield dsn
+    await _drop_database(pg_admin_dsn, name)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A direct connection to the test's database, for arranging and asserting."""
+    conn = await asyncpg.connect(database_url)
+    await db_config.init_connection(conn)
+    yield conn
+    await conn.close()
+
+
+def make_settings(database_url: str | None, data_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "_env_file": None,
+        "app_env": "development",
+        "database_url": database_url,
+        "gateway_data_dir": data_dir,
+        "secret_key": TEST_SECRET_KEY,
+        "encryption_keys": TEST_FERNET_KEY,
+        "admin_api_key": TEST_ADMIN_KEY,
+        "redis_url": None,
+        "log_level": "DEBUG",
+        "database_pool_min_size": 1,
+        "database_pool_max_size": 20,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """Override in a test module (or with indirect parametrisation) to change the app's settings."""
+    return {}
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path, settings_overrides: dict[str, Any]) -> Settings:
+    return make_settings(database_url, tmp_path / "data", **settings_overrides)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    """The app with its lifespan running (pool, Redis, HTTP client)."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+def asgi_client(application: FastAPI, **kwargs: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver", **kwargs)
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with asgi_client(app) as http:
+        yield http
+
+
+@pytest.fixture(scope="session")
+def upstream_server() -> Iterator[FakeUpstream]:
+    from tests.fakes.upstream import FakeUpstream
+
+    with FakeUpstream() as server:
+        yield server
+
+
+@pytest.fixture
+def upstream(upstream_server: FakeUpstream) -> Iterator[FakeUpstream]:
+    """The fake OpenAI-compatible provider, with faults and records cleared for this test."""
+    upstream_server.reset()
+    yield upstream_server
+    upstream_server.reset()
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The real Redis for tests whose subject is Redis; skipped only outside CI when unset."""
+    if not TEST_REDIS_URL:
+        if IN_CI:
+            pytest.fail("REDIS_URL must be set in CI")
+        pytest.skip("REDIS_URL is not set")
+    return TEST_REDIS_URL
