@@ -12,7 +12,6 @@ import contextlib
 import logging
 import re
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -123,16 +122,17 @@ async def resolve_database_url(settings: Settings) -> str:
 
 async def create_pool(settings: Settings, database_url: str) -> asyncpg.Pool:
     target = connect_target(database_url)
-    server_settings: Mapping[str, str] = {
-        "application_name": "gatewayz",
-        "statement_timeout": str(settings.database_statement_timeout_ms),
-    }
+    server_settings: dict[str, str] = {"application_name": "gatewayz"}
+    if target.statement_cache_size:
+        # PgBouncer-style poolers refuse unknown startup parameters; behind one, set the timeout
+        # on the database role instead (ALTER ROLE ... SET statement_timeout).
+        server_settings["statement_timeout"] = str(settings.database_statement_timeout_ms)
     pool = await asyncpg.create_pool(
         target.dsn,
         min_size=min(settings.database_pool_min_size, settings.database_pool_max_size),
         max_size=settings.database_pool_max_size,
         statement_cache_size=target.statement_cache_size,
-        server_settings=dict(server_settings),
+        server_settings=server_settings,
         command_timeout=60,
         init=init_connection,
     )
