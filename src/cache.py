@@ -48,6 +48,13 @@ class TTLCache(Generic[K, V]):
         entry = self._entries.pop(key, None)
         return entry[1] if entry else None
 
+    def pop_where(self, predicate: Callable[[K, V], bool]) -> int:
+        """Drop every entry for which `predicate(key, value)` holds; return how many."""
+        doomed = [key for key, (_, value) in self._entries.items() if predicate(key, value)]
+        for key in doomed:
+            self._entries.pop(key, None)
+        return len(doomed)
+
     def clear(self) -> None:
         self._entries.clear()
 

@@ -79,6 +79,14 @@ class Settings(BaseSettings):
     trusted_proxies: str = ""
     auth_cache_ttl_seconds: float = Field(5.0, ge=0, le=60)
 
+    # Default limits: the ceiling of every user until a plan or an admin sets another.
+    default_rpm: int = Field(600, ge=1)
+    default_rpd: int = Field(100_000, ge=1)
+    default_tpm: int = Field(1_000_000, ge=1)
+    default_tpd: int = Field(20_000_000, ge=1)
+    default_concurrency: int = Field(50, ge=1)
+    audit_retention_days: int = Field(365, ge=1)
+
     # Providers: each is enabled by its key; the custom one by its base URL.
     openrouter_api_key: SecretStr | None = None
     openrouter_base_url: str = "https://openrouter.ai/api/v1"

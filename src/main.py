@@ -14,7 +14,7 @@ from src.config import VERSION, Settings, get_settings
 from src.errors import REQUEST_ID_HEADER, install_error_handlers
 from src.logging_config import configure_logging
 from src.middleware import RequestContextMiddleware
-from src.routes import health
+from src.routes import admin, api_keys, auth, health, users
 from src.state import AppState, close_state, ensure_state
 
 logger = logging.getLogger("gatewayz")
@@ -69,6 +69,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, so it is the outermost: every response, errors included, carries the request id.
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     app.include_router(health.router)
+    app.include_router(auth.router)
+    app.include_router(users.router)
+    app.include_router(api_keys.router)
+    app.include_router(admin.router)
     return app
 
 

@@ -20,6 +20,9 @@ from redis.asyncio import Redis
 
 from src import db_config, redis_config
 from src.config import Settings
+from src.security.auth_cache import AuthCache
+from src.security.client_ip import Network, parse_networks
+from src.security.failures import AuthFailureCounter
 
 logger = logging.getLogger("gatewayz.state")
 
@@ -35,6 +38,9 @@ class AppState:
     redis: Redis | None
     http: httpx.AsyncClient
     database_url: str
+    auth_cache: AuthCache
+    auth_failures: AuthFailureCounter
+    trusted_proxies: list[Network]
     started_at: float = field(default_factory=time.time)
     # Work that outlives its request (stream settlement, for one) and must finish before exit.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -55,12 +61,19 @@ async def open_state(settings: Settings) -> AppState:
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
         follow_redirects=False,
     )
+    redis = redis_config.create_redis(settings)
+    auth_cache = AuthCache(ttl=settings.auth_cache_ttl_seconds)
+    if redis is not None:
+        auth_cache.start_listener(redis)
     return AppState(
         settings=settings,
         pool=pool,
-        redis=redis_config.create_redis(settings),
+        redis=redis,
         http=http,
         database_url=database_url,
+        auth_cache=auth_cache,
+        auth_failures=AuthFailureCounter(),
+        trusted_proxies=parse_networks(settings.trusted_proxy_list),
     )
 
 
@@ -73,6 +86,7 @@ async def close_state(state: AppState) -> None:
             task.cancel()
         if pending:
             logger.warning("cancelled %d background tasks at shutdown", len(pending))
+    await state.auth_cache.stop_listener()
     await state.http.aclose()
     if state.redis is not None:
         await state.redis.aclose()

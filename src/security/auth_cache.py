@@ -1,0 +1,118 @@
+"""The in-process cache of verified keys, and its invalidation across instances.
+
+A key's record is cached for at most AUTH_CACHE_TTL_SECONDS. A revocation, rotation, deactivation
+or owner change drops the entries in this process at once and, with Redis, publishes the change so
+every other instance drops them too; without Redis the TTL is the bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from uuid import UUID
+
+import orjson
+from redis.asyncio import Redis
+
+from src.cache import Clock, TTLCache
+from src.db.api_keys import AuthRecord
+
+logger = logging.getLogger("gatewayz.auth")
+
+CHANNEL = "gatewayz:auth:invalidate"
+TOUCH_INTERVAL_SECONDS = 60.0
+MAX_TOUCH_ENTRIES = 100_000
+
+
+class AuthCache:
+    def __init__(self, *, ttl: float, max_size: int = 50_000, clock: Clock = time.monotonic) -> None:
+        self.records: TTLCache[bytes, AuthRecord] = TTLCache(ttl=ttl, max_size=max_size, clock=clock)
+        self.clock = clock
+        self._touched: OrderedDict[UUID, float] = OrderedDict()
+        self._listener: asyncio.Task[None] | None = None
+
+    def get(self, digest: bytes) -> AuthRecord | None:
+        return self.records.get(digest)
+
+    def set(self, digest: bytes, record: AuthRecord) -> None:
+        self.records.set(digest, record)
+
+    def drop(self, *, digests: Sequence[bytes] = (), user_id: UUID | None = None) -> None:
+        for digest in digests:
+            self.records.pop(digest)
+        if user_id is not None:
+            self.records.pop_where(lambda _, record: record.key.user_id == user_id)
+
+    async def invalidate(
+        self,
+        redis: Redis | None,
+        *,
+        digests: Sequence[bytes] = (),
+        user_id: UUID | None = None,
+    ) -> None:
+        """Drop here now, and tell the other instances (after the change has committed)."""
+        self.drop(digests=list(digests), user_id=user_id)
+        if redis is None:
+            return
+        message = orjson.dumps(
+            {"digests": [d.hex() for d in digests], "user_id": str(user_id) if user_id else None}
+        )
+        try:
+            await redis.publish(CHANNEL, message)
+        except Exception as exc:  # Redis down: the TTL still bounds the staleness elsewhere
+            logger.warning("could not publish key invalidation: %s", type(exc).__name__)
+
+    def should_touch(self, key_id: UUID) -> bool:
+        """True at most once a minute per key: last_used_at is coalesced, not written per request."""
+        now = self.clock()
+        last = self._touched.get(key_id)
+        if last is not None and now - last < TOUCH_INTERVAL_SECONDS:
+            return False
+        self._touched[key_id] = now
+        self._touched.move_to_end(key_id)
+        while len(self._touched) > MAX_TOUCH_ENTRIES:
+            self._touched.popitem(last=False)
+        return True
+
+    def start_listener(self, redis: Redis) -> None:
+        self._listener = asyncio.get_running_loop().create_task(self._listen(redis))
+
+    async def stop_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
+            self._listener = None
+
+    async def _listen(self, redis: Redis) -> None:
+        backoff = 0.5
+        while True:
+            try:
+                async with redis.pubsub() as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    # Messages may have been missed while disconnected: start from an empty cache.
+                    self.records.clear()
+                    backoff = 0.5
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._apply(message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("key invalidation listener lost Redis: %s", type(exc).__name__)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _apply(self, data: bytes) -> None:
+        try:
+            payload = orjson.loads(data)
+            digests = [bytes.fromhex(d) for d in payload.get("digests", [])]
+            user_id = UUID(payload["user_id"]) if payload.get("user_id") else None
+        except (ValueError, TypeError, KeyError):
+            logger.warning("ignored a malformed key invalidation message")
+            return
+        self.drop(digests=digests, user_id=user_id)

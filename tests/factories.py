@@ -1,0 +1,67 @@
+"""Factories for tests: users with keys and credits, made through the real services."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+from uuid import UUID
+
+from fastapi import FastAPI
+
+from src.security.security import Environment
+from src.services import api_keys as keys_service
+from src.services import users as users_service
+from src.state import AppState
+
+
+@dataclass(frozen=True)
+class TestUser:
+    __test__ = False  # not a pytest test class
+
+    id: UUID
+    email: str
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+def app_state(app: FastAPI) -> AppState:
+    state: AppState | None = app.state.gateway
+    assert state is not None, "the app's lifespan is not running"
+    return state
+
+
+async def create_user(
+    app: FastAPI, *, email: str | None = None, credits: Decimal | str = Decimal("0"), role: str = "user"
+) -> TestUser:
+    """A user with a primary key (returned in plaintext) and `credits` added through the ledger."""
+    state = app_state(app)
+    email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+    async with state.pool.acquire() as conn:
+        user, plaintext = await users_service.create_user_as_admin(
+            conn, state, email=email, credits=Decimal(credits), role=role, actor=None, meta=None
+        )
+    return TestUser(id=user.id, email=email, api_key=plaintext)
+
+
+async def create_key(
+    app: FastAPI, user: TestUser, *, name: str = "test key", environment: Environment = "live", **options: Any
+) -> tuple[UUID, str]:
+    """Another key for `user`; options as for the key service (scopes, ip_allowlist, ...)."""
+    state = app_state(app)
+    async with state.pool.acquire() as conn, conn.transaction():
+        key, plaintext = await keys_service.create_key(
+            conn,
+            state,
+            owner_id=user.id,
+            actor=None,
+            meta=None,
+            name=name,
+            environment=environment,
+            **options,
+        )
+    return key.id, plaintext
