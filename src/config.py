@@ -102,6 +102,14 @@ class Settings(BaseSettings):
     custom_provider_name: str = "custom"
     pricing_markup: Decimal = Field(Decimal("1.0"), gt=0)
 
+    # Inference
+    upstream_connect_timeout_seconds: float = Field(5.0, gt=0)
+    upstream_first_byte_timeout_seconds: float = Field(60.0, gt=0)
+    upstream_total_timeout_seconds: float = Field(600.0, gt=0)
+    default_max_output_tokens: int = Field(4096, ge=1)
+    media_part_token_allowance: int = Field(1500, ge=0)
+    hold_sweep_interval_seconds: float = Field(60.0, gt=0)
+
     # Identity
     privy_app_id: str | None = None
     privy_verification_key: SecretStr | None = None

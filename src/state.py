@@ -7,6 +7,7 @@ opens it instead (`get_state`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -23,6 +24,9 @@ from src.config import Settings
 from src.security.auth_cache import AuthCache
 from src.security.client_ip import Network, parse_networks
 from src.security.failures import AuthFailureCounter
+from src.services import credits
+from src.services.catalog import Catalog
+from src.services.providers import ProviderClient, Timeouts, build_profiles
 
 logger = logging.getLogger("gatewayz.state")
 
@@ -41,9 +45,12 @@ class AppState:
     auth_cache: AuthCache
     auth_failures: AuthFailureCounter
     trusted_proxies: list[Network]
+    providers: dict[str, ProviderClient]
+    catalog: Catalog
     started_at: float = field(default_factory=time.time)
     # Work that outlives its request (stream settlement, for one) and must finish before exit.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
+    sweeper: asyncio.Task[None] | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -65,7 +72,14 @@ async def open_state(settings: Settings) -> AppState:
     auth_cache = AuthCache(ttl=settings.auth_cache_ttl_seconds)
     if redis is not None:
         auth_cache.start_listener(redis)
-    return AppState(
+    timeouts = Timeouts(
+        connect=settings.upstream_connect_timeout_seconds,
+        first_byte=settings.upstream_first_byte_timeout_seconds,
+        total=settings.upstream_total_timeout_seconds,
+    )
+    providers = {name: ProviderClient(p, http, timeouts) for name, p in build_profiles(settings).items()}
+    catalog = Catalog(pool=pool, redis=redis, clients=providers, markup=settings.pricing_markup)
+    state = AppState(
         settings=settings,
         pool=pool,
         redis=redis,
@@ -74,10 +88,20 @@ async def open_state(settings: Settings) -> AppState:
         auth_cache=auth_cache,
         auth_failures=AuthFailureCounter(),
         trusted_proxies=parse_networks(settings.trusted_proxy_list),
+        providers=providers,
+        catalog=catalog,
     )
+    state.sweeper = asyncio.get_running_loop().create_task(
+        credits.sweep_forever(pool, interval=settings.hold_sweep_interval_seconds)
+    )
+    return state
 
 
 async def close_state(state: AppState) -> None:
+    if state.sweeper is not None:
+        state.sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await state.sweeper
     if state.background:
         # In-flight settlements get the shutdown deadline to finish; money is never left half-done
         # because each settlement is one transaction.

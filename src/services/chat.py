@@ -1,0 +1,545 @@
+"""POST /v1/chat/completions: resolve, hold, call the provider (with failover), settle, respond.
+
+The pipeline of DESIGN.md: the hold is taken before the upstream call and covers the worst case at
+the dearest candidate; failover happens only before the first byte reaches the client; every
+request is settled exactly once (success, upstream failure, client disconnect, cancelled stream,
+shutdown), and the settlement, usage record and ledger row are one statement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import httpx
+import orjson
+from pydantic import ValidationError
+
+from src.errors import (
+    GatewayError,
+    InvalidRequest,
+    RateLimited,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from src.schemas.chat import DENIED_FIELDS, GATEWAY_FIELDS, ChatCompletionRequest
+from src.security.deps import Principal
+from src.services import credits, tokens
+from src.services.catalog import Candidate
+from src.services.credits import Cost, Hold, Usage
+from src.services.providers import (
+    ProviderClient,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderTimeout,
+    sse_events,
+)
+from src.state import AppState
+
+logger = logging.getLogger("gatewayz.chat")
+
+DONE = b"[DONE]"
+# A hold outlives its request's deadline by this much before the sweeper may release it.
+HOLD_MARGIN_SECONDS = 120.0
+
+
+@dataclass
+class Prepared:
+    """A validated request, its candidates and the upstream body template."""
+
+    request: ChatCompletionRequest
+    body: dict[str, Any]
+    candidates: list[Candidate]
+    prompt_tokens: int
+    output_allowance: int
+    hold_amount: Decimal
+    stream: bool
+    client_request_id: str | None
+
+
+@dataclass
+class Outcome:
+    """What a finished (or failed) call produced, for settlement."""
+
+    candidate: Candidate | None = None
+    usage: dict[str, Any] | None = None
+    generated: list[str] = field(default_factory=list)
+    status: str = "success"
+    error_code: str | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """The client's JSON and its validated view; 400 with `param` for anything invalid."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
+    for name in body:
+        if name in DENIED_FIELDS:
+            raise InvalidRequest(
+                f"'{name}' cannot be set on a gateway request.", param=name, code="field_not_allowed"
+            )
+    try:
+        request = ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or None
+        raise InvalidRequest(
+            f"Invalid value for '{param}': {error['msg']}." if param else str(error["msg"]),
+            param=param,
+            code="invalid_value",
+        ) from exc
+    return body, request
+
+
+def output_allowance(state: AppState, request: ChatCompletionRequest, candidates: list[Candidate]) -> int:
+    """max_completion_tokens or max_tokens, else the dearest candidate's output limit, else the default."""
+    if request.output_limit is not None:
+        return request.output_limit
+    limits = [c.max_output_tokens for c in candidates if c.max_output_tokens]
+    return max(limits) if limits else state.settings.default_max_output_tokens
+
+
+async def prepare(
+    state: AppState, raw: bytes, *, client_request_id: str | None, history: list[dict[str, Any]] | None = None
+) -> Prepared:
+    body, request = parse_body(raw)
+    candidates = await state.catalog.resolve(request.model, provider=request.pinned_provider)
+    if request.pinned_provider is not None and request.allow_fallbacks:
+        others = [
+            c for c in await state.catalog.resolve(request.model) if c.provider != request.pinned_provider
+        ]
+        candidates = candidates + others
+    messages = (history or []) + body["messages"]
+    estimate = tokens.estimate_prompt(messages, tools=body.get("tools"))
+    allowance = output_allowance(state, request, candidates) * (request.n or 1)
+    hold_amount = credits.worst_case(
+        candidates,
+        prompt_tokens=estimate.text_tokens,
+        media_parts=estimate.media_parts,
+        media_allowance=state.settings.media_part_token_allowance,
+        output_tokens=allowance,
+    )
+    upstream = {k: v for k, v in body.items() if k not in GATEWAY_FIELDS}
+    if isinstance(upstream.get("provider"), str):
+        del upstream["provider"]
+    if history:
+        upstream["messages"] = messages
+    stream = bool(request.stream)
+    if stream:
+        # Billing needs the provider's usage, whatever the client asked for.
+        options = dict(upstream.get("stream_options") or {})
+        options["include_usage"] = True
+        upstream["stream_options"] = options
+    return Prepared(
+        request=request,
+        body=upstream,
+        candidates=candidates,
+        prompt_tokens=estimate.text_tokens,
+        output_allowance=allowance,
+        hold_amount=hold_amount,
+        stream=stream,
+        client_request_id=client_request_id,
+    )
+
+
+def _client(state: AppState, candidate: Candidate) -> ProviderClient:
+    return state.providers[candidate.provider]
+
+
+def _upstream_body(prepared: Prepared, candidate: Candidate) -> bytes:
+    return orjson.dumps({**prepared.body, "model": candidate.upstream_id})
+
+
+def gateway_error(error: ProviderError) -> GatewayError:
+    """The client-facing error for an upstream failure: no provider hostname or key in it."""
+    if isinstance(error, ProviderRateLimited):
+        retry = max(1, round(error.retry_after)) if error.retry_after is not None else 1
+        return RateLimited(
+            "The upstream provider is rate limiting requests; retry later.",
+            code="upstream_rate_limited",
+            headers={"Retry-After": str(retry)},
+        )
+    if isinstance(error, ProviderTimeout):
+        return UpstreamTimeout(error.message)
+    if error.status_code == 400:
+        return InvalidRequest(error.message, code="upstream_bad_request")
+    return UpstreamError(error.message, code=error.code)
+
+
+def _sane_usage(usage: Any) -> tuple[int, int] | None:
+    """Prompt and completion tokens from a provider's usage, when they are usable numbers."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if isinstance(prompt, bool) or isinstance(completion, bool):
+        return None
+    if not isinstance(prompt, int) or not isinstance(completion, int) or prompt < 0 or completion < 0:
+        return None
+    return prompt, completion
+
+
+def usage_for(prepared: Prepared, outcome: Outcome) -> Usage:
+    candidate = outcome.candidate
+    latency_ms = int((time.perf_counter() - outcome.started) * 1000)
+    if candidate is None:
+        return Usage(
+            provider=None,
+            input_tokens=0,
+            output_tokens=0,
+            cost=credits.NO_COST,
+            estimated=False,
+            status=outcome.status,
+            error_code=outcome.error_code,
+            latency_ms=latency_ms,
+            client_request_id=prepared.client_request_id,
+        )
+    reported = _sane_usage(outcome.usage)
+    if reported is not None:
+        input_tokens, output_tokens = reported
+        estimated = False
+        if output_tokens > prepared.output_allowance:
+            # More output than max_tokens x n allows is not a number to bill: cap it, and say so.
+            logger.error(
+                "absurd usage from %s: %d output tokens for an allowance of %d",
+                candidate.provider,
+                output_tokens,
+                prepared.output_allowance,
+            )
+            output_tokens = prepared.output_allowance
+    else:
+        input_tokens = prepared.prompt_tokens
+        output_tokens = tokens.count_text("".join(outcome.generated))
+        estimated = True
+    cost = credits.cost_of(candidate.price, input_tokens=input_tokens, output_tokens=output_tokens)
+    if estimated and cost.total > prepared.hold_amount:
+        # An estimate never bills more than the hold; only a provider's own report can.
+        cost = credits.capped(cost, prepared.hold_amount)
+    return Usage(
+        provider=candidate.provider,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost=cost,
+        estimated=estimated,
+        status=outcome.status,
+        error_code=outcome.error_code,
+        latency_ms=latency_ms,
+        client_request_id=prepared.client_request_id,
+    )
+
+
+def gateway_usage(candidate: Candidate, usage: Usage, charged: Decimal) -> dict[str, Any]:
+    return {
+        "provider": candidate.provider,
+        "cost": float(charged),
+        "input_cost": float(usage.cost.input_cost),
+        "output_cost": float(usage.cost.output_cost),
+        "request_ms": usage.latency_ms,
+        "estimated": usage.estimated,
+    }
+
+
+async def _settle(state: AppState, principal: Principal, hold: Hold, usage: Usage) -> Decimal:
+    result = await credits.settle(state.pool, hold, usage, actor=principal.actor)
+    return result.charged if result is not None else Decimal(0)
+
+
+def _no_more_candidates(errors: list[ProviderError]) -> GatewayError:
+    if errors and all(isinstance(e, ProviderRateLimited) for e in errors):
+        waits = [e.retry_after for e in errors if e.retry_after is not None]
+        smallest = min(waits) if waits else 1.0
+        return RateLimited(
+            "Every provider of this model is rate limiting requests; retry later.",
+            code="upstream_rate_limited",
+            headers={"Retry-After": str(max(1, round(smallest)))},
+        )
+    if errors:
+        return gateway_error(errors[-1])
+    return ServiceUnavailable("No provider is available for this model.", code="no_provider_available")
+
+
+@dataclass(frozen=True)
+class Completion:
+    body: bytes
+    headers: dict[str, str]
+
+
+async def complete(state: AppState, principal: Principal, prepared: Prepared, hold: Hold) -> Completion:
+    """A non-streaming call: failover across candidates, settle, and the client's JSON."""
+    outcome = Outcome()
+    errors: list[ProviderError] = []
+    try:
+        for candidate in prepared.candidates:
+            try:
+                payload, _ = await _client(state, candidate).post_json(
+                    "/chat/completions", _upstream_body(prepared, candidate)
+                )
+            except ProviderError as error:
+                errors.append(error)
+                if error.retryable:
+                    continue
+                break
+            if not isinstance(payload.get("choices"), list) or "error" in payload:
+                errors.append(
+                    ProviderError(candidate.provider, "The upstream provider returned an invalid response.")
+                )
+                outcome.status, outcome.error_code = "upstream_error", "upstream_bad_response"
+                # The provider may have generated (and will bill) tokens: charge what it reports.
+                outcome.candidate, outcome.usage = candidate, payload.get("usage")
+                raise UpstreamError(
+                    "The upstream provider returned an invalid response.", code="upstream_bad_response"
+                )
+            outcome.candidate, outcome.usage = candidate, payload.get("usage")
+            if _sane_usage(outcome.usage) is None:
+                outcome.generated = [_message_text(choice) for choice in payload["choices"]]
+            usage = usage_for(prepared, outcome)
+            charged = await _settle(state, principal, hold, usage)
+            reported = dict(payload.get("usage") or {}) if isinstance(payload.get("usage"), dict) else {}
+            reported.update(
+                prompt_tokens=usage.input_tokens,
+                completion_tokens=usage.output_tokens,
+                total_tokens=usage.input_tokens + usage.output_tokens,
+                cost=float(charged),
+            )
+            payload["usage"] = reported
+            payload["model"] = prepared.request.model
+            payload["gateway_usage"] = gateway_usage(candidate, usage, charged)
+            return Completion(
+                body=orjson.dumps(payload),
+                headers={"X-Gateway-Provider": candidate.provider, "X-Gateway-Cost": f"{charged:f}"},
+            )
+        outcome.status = "upstream_error"
+        outcome.error_code = errors[-1].code if errors else "no_provider_available"
+        raise _no_more_candidates(errors)
+    except BaseException:
+        if outcome.status == "success":
+            outcome.status, outcome.error_code = "failed", outcome.error_code or "gateway_error"
+        await asyncio.shield(_settle_after_failure(state, principal, hold, prepared, outcome))
+        raise
+
+
+async def _settle_after_failure(
+    state: AppState, principal: Principal, hold: Hold, prepared: Prepared, outcome: Outcome
+) -> None:
+    try:
+        await _settle(state, principal, hold, usage_for(prepared, outcome))
+    except Exception:
+        # The sweeper releases the hold after the maximum request time; nothing is lost.
+        logger.exception("settlement failed for hold %s", hold.id)
+
+
+def _message_text(choice: Any) -> str:
+    if not isinstance(choice, dict):
+        return ""
+    message = choice.get("message") or {}
+    parts = [message.get("content") or ""] if isinstance(message.get("content"), str) else []
+    for call in message.get("tool_calls") or ():
+        if isinstance(call, dict):
+            function = call.get("function") or {}
+            parts.append(str(function.get("name", "")) + str(function.get("arguments", "")))
+    return "".join(parts)
+
+
+@dataclass
+class OpenedStream:
+    candidate: Candidate
+    response: httpx.Response
+
+
+async def open_stream(state: AppState, prepared: Prepared, hold: Hold, principal: Principal) -> OpenedStream:
+    """Open the upstream stream, failing over until one answers 200 (nothing has reached the client yet)."""
+    errors: list[ProviderError] = []
+    outcome = Outcome()
+    try:
+        for candidate in prepared.candidates:
+            try:
+                response = await _client(state, candidate).open_stream(
+                    "/chat/completions", _upstream_body(prepared, candidate)
+                )
+            except ProviderError as error:
+                errors.append(error)
+                if error.retryable:
+                    continue
+                break
+            return OpenedStream(candidate=candidate, response=response)
+        outcome.status = "upstream_error"
+        outcome.error_code = errors[-1].code if errors else "no_provider_available"
+        raise _no_more_candidates(errors)
+    except BaseException:
+        if outcome.status == "success":
+            outcome.status, outcome.error_code = "failed", "gateway_error"
+        await asyncio.shield(_settle_after_failure(state, principal, hold, prepared, outcome))
+        raise
+
+
+def _sse(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+def _error_event(message: str, code: str) -> bytes:
+    body = orjson.dumps({"error": {"message": message, "type": "api_error", "param": None, "code": code}})
+    return b"event: error\n" + _sse(body)
+
+
+async def relay_stream(
+    state: AppState, principal: Principal, prepared: Prepared, hold: Hold, opened: OpenedStream
+) -> AsyncIterator[bytes]:
+    """Forward the upstream's chunks as they arrive, then a usage chunk with the cost, then [DONE].
+
+    Settlement runs in a task of its own when the client goes away, so the cancellation that ends
+    this generator cannot cancel the settlement too.
+    """
+    outcome = Outcome(candidate=opened.candidate)
+    response = opened.response
+    timeouts = _client(state, opened.candidate).timeouts
+    deadline = asyncio.get_running_loop().time() + timeouts.total
+    last_chunk: dict[str, Any] = {}
+    settled = False
+    finished = False
+    try:
+        events = sse_events(response)
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    payload = await anext(events)
+            except StopAsyncIteration:
+                break
+            if payload == DONE:
+                finished = True
+                break
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                outcome.status, outcome.error_code = "stream_error", "upstream_bad_response"
+                break
+            if not isinstance(chunk, dict):
+                continue
+            if "error" in chunk:
+                outcome.status, outcome.error_code = "stream_error", "upstream_stream_error"
+                break
+            if chunk.get("usage"):
+                outcome.usage = chunk["usage"]
+            choices = chunk.get("choices")
+            if not choices:
+                # The provider's usage chunk: replaced by the gateway's own, with the cost.
+                last_chunk = chunk
+                continue
+            last_chunk = chunk
+            _collect_text(choices, outcome.generated)
+            yield _sse(payload)
+        if not finished and outcome.status == "success":
+            outcome.status, outcome.error_code = "stream_error", "upstream_stream_truncated"
+        if outcome.status != "success":
+            await _settle_stream(state, principal, hold, prepared, outcome)
+            settled = True
+            yield _error_event(
+                "The upstream provider failed while streaming.", outcome.error_code or "stream_error"
+            )
+            return
+        usage = usage_for(prepared, outcome)
+        charged = await _settle(state, principal, hold, usage)
+        settled = True
+        yield _sse(_usage_chunk(prepared, opened.candidate, last_chunk, usage, charged))
+        yield _sse(DONE)
+    except (TimeoutError, httpx.TimeoutException):
+        outcome.status, outcome.error_code = "stream_error", "upstream_timeout"
+        if not settled:
+            await _settle_stream(state, principal, hold, prepared, outcome)
+            settled = True
+        yield _error_event("The upstream provider timed out while streaming.", "upstream_timeout")
+    except httpx.HTTPError:
+        outcome.status, outcome.error_code = "stream_error", "upstream_stream_truncated"
+        if not settled:
+            await _settle_stream(state, principal, hold, prepared, outcome)
+            settled = True
+        yield _error_event("The upstream provider failed while streaming.", "upstream_stream_truncated")
+    finally:
+        if not settled:
+            # The client went away (or the server is shutting down): bill what was generated.
+            outcome.status, outcome.error_code = "client_disconnect", None
+            state.spawn(_settle_after_failure(state, principal, hold, prepared, outcome))
+        state.spawn(response.aclose())
+
+
+async def _settle_stream(
+    state: AppState, principal: Principal, hold: Hold, prepared: Prepared, outcome: Outcome
+) -> None:
+    await asyncio.shield(_settle_after_failure(state, principal, hold, prepared, outcome))
+
+
+def _collect_text(choices: Any, into: list[str]) -> None:
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            continue
+        content = delta.get("content")
+        if isinstance(content, str):
+            into.append(content)
+        for call in delta.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict):
+                into.append(str(function.get("name") or "") + str(function.get("arguments") or ""))
+
+
+def _usage_chunk(
+    prepared: Prepared, candidate: Candidate, last: dict[str, Any], usage: Usage, charged: Decimal
+) -> bytes:
+    return orjson.dumps(
+        {
+            "id": last.get("id", ""),
+            "object": "chat.completion.chunk",
+            "created": last.get("created", int(time.time())),
+            "model": last.get("model", prepared.request.model),
+            "choices": [],
+            "usage": {
+                "prompt_tokens": usage.input_tokens,
+                "completion_tokens": usage.output_tokens,
+                "total_tokens": usage.input_tokens + usage.output_tokens,
+                "cost": float(charged),
+            },
+            "gateway_usage": gateway_usage(candidate, usage, charged),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class StreamStart:
+    provider: str
+    chunks: AsyncIterator[bytes]
+
+
+async def create(
+    state: AppState, principal: Principal, raw: bytes, *, client_request_id: str | None
+) -> Completion | StreamStart:
+    """The whole pipeline for one request: validate, resolve, hold, call, settle."""
+    prepared = await prepare(state, raw, client_request_id=client_request_id)
+    assert principal.user_id is not None
+    hold = await credits.place_hold(
+        state.pool,
+        user_id=principal.user_id,
+        api_key_id=principal.key_id,
+        amount=prepared.hold_amount,
+        model=prepared.request.model,
+        request_type="chat",
+        ttl_seconds=state.settings.upstream_total_timeout_seconds + HOLD_MARGIN_SECONDS,
+    )
+    if not prepared.stream:
+        return await complete(state, principal, prepared, hold)
+    opened = await open_stream(state, prepared, hold, principal)
+    return StreamStart(
+        provider=opened.candidate.provider, chunks=relay_stream(state, principal, prepared, hold, opened)
+    )
+
+
+__all__ = ["Completion", "Cost", "StreamStart", "create"]
