@@ -7,6 +7,7 @@ session, so concurrency tests can run real transactions against it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 import uuid
@@ -21,6 +22,7 @@ from cryptography.fernet import Fernet
 from fastapi import FastAPI
 
 if TYPE_CHECKING:
+    from tests.fakes.live_server import LiveServer
     from tests.fakes.upstream import FakeUpstream
 
 # Captured and removed before anything reads the environment, so every test builds its own settings.
@@ -196,3 +198,24 @@ def redis_url() -> str:
             pytest.fail("REDIS_URL must be set in CI")
         pytest.skip("REDIS_URL is not set")
     return TEST_REDIS_URL
+
+
+@pytest.fixture
+def gateway_settings(settings: Settings, upstream_server: FakeUpstream) -> Settings:
+    """Settings whose only provider is the fake upstream (as the custom provider named 'fake')."""
+    return settings.model_copy(
+        update={"custom_provider_base_url": upstream_server.base_url, "custom_provider_name": "fake"}
+    )
+
+
+@pytest.fixture
+async def live_gateway(gateway_settings: Settings, upstream: FakeUpstream) -> AsyncIterator[LiveServer]:
+    """The gateway on a real socket (uvicorn in its own thread), talking to the fake upstream."""
+    from tests.fakes.live_server import LiveServer
+
+    server = LiveServer(create_app(gateway_settings))
+    await asyncio.to_thread(server.start)
+    try:
+        yield server
+    finally:
+        await asyncio.to_thread(server.stop)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 from uuid import UUID
 
+import asyncpg
 from fastapi import FastAPI
 
+from src import db_config
+from src.config import Settings
 from src.security.security import Environment
 from src.services import api_keys as keys_service
 from src.services import users as users_service
@@ -45,6 +49,25 @@ async def create_user(
         user, plaintext = await users_service.create_user_as_admin(
             conn, state, email=email, credits=Decimal(credits), role=role, actor=None, meta=None
         )
+    return TestUser(id=user.id, email=email, api_key=plaintext)
+
+
+async def create_user_for(
+    settings: Settings, *, email: str | None = None, credits: Decimal | str = Decimal("0"), role: str = "user"
+) -> TestUser:
+    """The same, through a connection of its own: for an app served on another event loop."""
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url.get_secret_value())
+    await db_config.init_connection(conn)
+    try:
+        # The services only read settings from the state they are given.
+        state = cast(AppState, SimpleNamespace(settings=settings))
+        email = email or f"user-{uuid.uuid4().hex[:10]}@example.com"
+        user, plaintext = await users_service.create_user_as_admin(
+            conn, state, email=email, credits=Decimal(credits), role=role, actor=None, meta=None
+        )
+    finally:
+        await conn.close()
     return TestUser(id=user.id, email=email, api_key=plaintext)
 
 
