@@ -46,14 +46,15 @@ async def change_credits(
     changes nothing and returns None. Must run inside the caller's transaction.
     """
     row = await conn.fetchrow(
+        # $2 is cast everywhere: left to inference, `$2 >= 0` makes it an integer and truncates.
         f"""WITH changed AS (
-                UPDATE users SET credits = credits + $2, updated_at = now()
-                WHERE id = $1 AND ($2 >= 0 OR NOT $8 OR credits - held + $2 >= 0)
+                UPDATE users SET credits = credits + $2::numeric, updated_at = now()
+                WHERE id = $1 AND ($2::numeric >= 0 OR NOT $8 OR credits - held + $2::numeric >= 0)
                 RETURNING id, credits
             )
             INSERT INTO credit_transactions
                 (user_id, amount, balance_after, type, reason, actor, reference, request_id)
-            SELECT id, $2, credits, $3, $4, $5, $6, $7 FROM changed
+            SELECT id, $2::numeric, credits, $3, $4, $5, $6, $7 FROM changed
             RETURNING {TRANSACTION_COLUMNS}""",
         user_id,
         amount,

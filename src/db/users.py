@@ -11,7 +11,7 @@ from uuid import UUID
 import asyncpg
 
 USER_COLUMNS = (
-    "id, email, privy_id, username, credits, held, role, is_active, banned_at, referral_code,"
+    "id, email, contact_email, privy_id, username, credits, held, role, is_active, banned_at, referral_code,"
     " referred_by, preferences, deleted_at, created_at, updated_at"
 )
 
@@ -19,7 +19,10 @@ USER_COLUMNS = (
 @dataclass(frozen=True)
 class User:
     id: UUID
+    # Verified addresses only (Privy identity token or admin creation).
     email: str | None
+    # Typed by the user, never verified: shown back to them, trusted for nothing.
+    contact_email: str | None
     privy_id: str | None
     username: str | None
     credits: Decimal
@@ -90,26 +93,46 @@ async def update_profile(
     *,
     user_id: UUID,
     username: str | None,
-    email: str | None,
+    contact_email: str | None,
     preferences: dict[str, Any] | None,
     set_username: bool,
-    set_email: bool,
+    set_contact_email: bool,
 ) -> User | None:
+    """The fields a user may change themselves; a None preferences keeps the current ones."""
     row = await conn.fetchrow(
         f"""UPDATE users SET
                 username = CASE WHEN $2 THEN $3 ELSE username END,
-                email = CASE WHEN $4 THEN $5 ELSE email END,
+                contact_email = CASE WHEN $4 THEN $5 ELSE contact_email END,
                 preferences = COALESCE($6, preferences),
                 updated_at = now()
             WHERE id = $1 RETURNING {USER_COLUMNS}""",
         user_id,
         set_username,
         username,
-        set_email,
-        email,
+        set_contact_email,
+        contact_email,
         preferences,
     )
     return _user(row)
+
+
+async def set_verified_email(conn: asyncpg.Connection, *, user_id: UUID, email: str) -> User | None:
+    return _user(
+        await conn.fetchrow(
+            f"UPDATE users SET email = $2, updated_at = now() WHERE id = $1 RETURNING {USER_COLUMNS}",
+            user_id,
+            email,
+        )
+    )
+
+
+async def lock_identity(conn: asyncpg.Connection, *, name: str) -> None:
+    """A transaction-scoped lock on a name (a Privy id, an e-mail), so racing sign-ups serialise."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", name)
+
+
+async def role_exists(conn: asyncpg.Connection, *, role: str) -> bool:
+    return bool(await conn.fetchval("SELECT 1 FROM roles WHERE name = $1", role))
 
 
 async def set_role(conn: asyncpg.Connection, *, user_id: UUID, role: str) -> User | None:
@@ -125,8 +148,9 @@ async def set_role(conn: asyncpg.Connection, *, user_id: UUID, role: str) -> Use
 async def anonymise_user(conn: asyncpg.Connection, *, user_id: UUID) -> None:
     """Remove personal data, keep the row (the ledger and usage still point at it)."""
     await conn.execute(
-        """UPDATE users SET email = NULL, privy_id = NULL, username = NULL, preferences = '{}',
-                referral_code = NULL, is_active = false, deleted_at = now(), updated_at = now()
+        """UPDATE users SET email = NULL, contact_email = NULL, privy_id = NULL, username = NULL,
+                preferences = '{}', referral_code = NULL, is_active = false, deleted_at = now(),
+                updated_at = now()
             WHERE id = $1""",
         user_id,
     )

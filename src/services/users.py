@@ -10,16 +10,24 @@ from uuid import UUID
 
 import asyncpg
 
+from src.config import Settings
 from src.db import api_keys as keys_db
 from src.db import ledger as ledger_db
 from src.db import users as users_db
 from src.db.ledger import CreditTransaction
 from src.db.users import User
-from src.errors import Conflict, InvalidRequest, NotFound, PermissionDenied, ServiceUnavailable
+from src.errors import (
+    AuthenticationFailed,
+    Conflict,
+    InvalidRequest,
+    NotFound,
+    PermissionDenied,
+    ServiceUnavailable,
+)
 from src.security.deps import Principal, RequestMeta
 from src.services import api_keys as keys_service
 from src.services import audit
-from src.services.privy import get_verifier, normalise_email
+from src.services.privy import PrivyVerifier, get_verifier, normalise_email
 from src.state import AppState
 
 logger = logging.getLogger("gatewayz.users")
@@ -48,8 +56,9 @@ def balance_of(user: User) -> Balance:
 def public_profile(user: User) -> dict[str, Any]:
     """The user as the user sees it (no internal fields)."""
     return {
-        "id": str(user.id),
+        "id": user.id,
         "email": user.email,
+        "contact_email": user.contact_email,
         "username": user.username,
         "role": user.role,
         "is_active": user.is_active,
@@ -59,12 +68,24 @@ def public_profile(user: User) -> dict[str, Any]:
     }
 
 
+def _privy_verifier(settings: Settings) -> PrivyVerifier:
+    if not settings.privy_app_id or settings.privy_verification_key is None:
+        raise ServiceUnavailable("Privy login is not configured.", code="privy_not_configured")
+    try:
+        return get_verifier(settings.privy_app_id, settings.privy_verification_key.get_secret_value())
+    except ValueError as exc:
+        logger.error("privy login is misconfigured: %s", exc)
+        raise ServiceUnavailable("Privy login is not configured.", code="privy_not_configured") from None
+
+
 async def _attachable_email(
     conn: asyncpg.Connection, email: str | None, *, meta: RequestMeta | None, privy_id: str | None
 ) -> str | None:
     """A verified e-mail that belongs to no other account; a conflict is audited, not attached."""
     if email is None:
         return None
+    # Two sign-ups racing for one address: the second waits, then sees it taken.
+    await users_db.lock_identity(conn, name="email:" + email)
     if not await users_db.email_taken(conn, email=email):
         return email
     await audit.record(
@@ -77,63 +98,93 @@ async def _attachable_email(
     return None
 
 
-async def login_with_privy(
+async def _verify_privy(
     conn: asyncpg.Connection,
     state: AppState,
     *,
-    access_token: str,
+    access_token: str | None,
     identity_token: str | None,
     meta: RequestMeta,
-) -> LoginResult:
-    """Verify the Privy tokens; create the user and primary key on first login."""
-    settings = state.settings
-    if not settings.privy_app_id or settings.privy_verification_key is None:
-        raise ServiceUnavailable("Privy login is not configured.", code="privy_not_configured")
-    verifier = get_verifier(settings.privy_app_id, settings.privy_verification_key.get_secret_value())
+) -> tuple[str, str | None]:
+    """The verified Privy user id and e-mail; every refusal is counted and audited."""
+    verifier = _privy_verifier(state.settings)
     try:
+        if not access_token:
+            raise AuthenticationFailed(
+                "Missing Privy access token: send it as 'Authorization: Bearer <token>' or 'access_token'."
+            )
         privy_id = verifier.verify_access_token(access_token)
         email = (
             verifier.verify_identity_token(identity_token, expected_sub=privy_id) if identity_token else None
         )
-    except Exception:
+    except AuthenticationFailed:
+        state.auth_failures.record(meta.ip)
         async with conn.transaction():
             await audit.record(
                 conn, action="auth.login_failed", actor=None, meta=meta, metadata={"method": "privy"}
             )
         raise
-    async with conn.transaction():
-        # Serialise first logins of one Privy user so two concurrent ones create one account.
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", privy_id)
-        user = await users_db.get_user_by_privy_id(conn, privy_id=privy_id)
-        is_new = user is None
-        if user is None:
-            email = await _attachable_email(conn, email, meta=meta, privy_id=privy_id)
-            user = await users_db.create_user(conn, email=email, privy_id=privy_id, username=None)
+    return privy_id, email
+
+
+async def _find_or_create_privy_user(
+    conn: asyncpg.Connection, *, privy_id: str, email: str | None, meta: RequestMeta
+) -> tuple[User, bool]:
+    """The account of this Privy user, created on first login; call under the Privy id lock."""
+    user = await users_db.get_user_by_privy_id(conn, privy_id=privy_id)
+    if user is None:
+        email = await _attachable_email(conn, email, meta=meta, privy_id=privy_id)
+        user = await users_db.create_user(conn, email=email, privy_id=privy_id, username=None)
+        await audit.record(
+            conn,
+            action="user.signup",
+            actor=None,
+            meta=meta,
+            user_id=user.id,
+            subject_type="user",
+            subject_id=user.id,
+            after={"email": user.email, "method": "privy"},
+            actor_type="system",
+        )
+        return user, True
+    if email and user.email is None:
+        attachable = await _attachable_email(conn, email, meta=meta, privy_id=privy_id)
+        if attachable:
+            updated = await users_db.set_verified_email(conn, user_id=user.id, email=attachable)
+            assert updated is not None
             await audit.record(
                 conn,
-                action="user.signup",
+                action="user.email_verified",
                 actor=None,
                 meta=meta,
                 user_id=user.id,
                 subject_type="user",
                 subject_id=user.id,
-                after={"email": user.email, "method": "privy"},
+                before={"email": None},
+                after={"email": attachable},
                 actor_type="system",
             )
-        elif email and user.email is None:
-            attachable = await _attachable_email(conn, email, meta=meta, privy_id=privy_id)
-            if attachable:
-                updated = await users_db.update_profile(
-                    conn,
-                    user_id=user.id,
-                    username=None,
-                    email=attachable,
-                    preferences=None,
-                    set_username=False,
-                    set_email=True,
-                )
-                assert updated is not None
-                user = updated
+            user = updated
+    return user, False
+
+
+async def login_with_privy(
+    conn: asyncpg.Connection,
+    state: AppState,
+    *,
+    access_token: str | None,
+    identity_token: str | None,
+    meta: RequestMeta,
+) -> LoginResult:
+    """Verify the Privy tokens; create the user and primary key on first login."""
+    privy_id, email = await _verify_privy(
+        conn, state, access_token=access_token, identity_token=identity_token, meta=meta
+    )
+    plaintext: str | None = None
+    async with conn.transaction():
+        # Serialise logins of one Privy user so two concurrent first logins create one account.
+        await users_db.lock_identity(conn, name="privy:" + privy_id)
+        user, is_new = await _find_or_create_privy_user(conn, privy_id=privy_id, email=email, meta=meta)
         if not user.can_act:
             await audit.record(
                 conn,
@@ -143,9 +194,7 @@ async def login_with_privy(
                 user_id=user.id,
                 metadata={"method": "privy", "reason": "account disabled"},
             )
-            raise_disabled = True
         else:
-            raise_disabled = False
             primary = await keys_service.reveal_primary(conn, state, owner_id=user.id)
             if primary is None:
                 _, plaintext = await keys_service.create_key(
@@ -167,7 +216,7 @@ async def login_with_privy(
                 user_id=user.id,
                 metadata={"method": "privy", "new_user": is_new},
             )
-    if raise_disabled:
+    if plaintext is None:
         # Raised after the transaction, so the failed-login audit row is kept.
         raise PermissionDenied("This account is disabled.", code="account_disabled")
     return LoginResult(user=user, api_key=plaintext, is_new=is_new)
@@ -187,9 +236,10 @@ async def create_user_as_admin(
     """An operator-made account with a primary key and optional starting credits."""
     email = normalise_email(email)
     async with conn.transaction():
+        await users_db.lock_identity(conn, name="email:" + email)
         if await users_db.email_taken(conn, email=email):
             raise Conflict("A user with this e-mail already exists.", param="email", code="email_taken")
-        if not await conn.fetchval("SELECT 1 FROM roles WHERE name = $1", role):
+        if not await users_db.role_exists(conn, role=role):
             raise InvalidRequest(f"Unknown role '{role}'.", param="role", code="unknown_role")
         try:
             user = await users_db.create_user(conn, email=email, privy_id=None, username=None, role=role)
@@ -300,34 +350,46 @@ async def get_user(conn: asyncpg.Connection, *, user_id: UUID) -> User:
     return user
 
 
+async def get_balance(conn: asyncpg.Connection, *, user_id: UUID) -> Balance:
+    return balance_of(await get_user(conn, user_id=user_id))
+
+
+# Profile body field -> users column. `email` typed by the user is a contact address, never the
+# verified users.email: a typed address is trusted for nothing (uniqueness, trials, referrals).
+PROFILE_COLUMNS = {"username": "username", "email": "contact_email", "preferences": "preferences"}
+
+
 async def update_profile(
     conn: asyncpg.Connection,
-    state: AppState,
     *,
     principal: Principal,
     meta: RequestMeta,
     changes: dict[str, Any],
 ) -> User:
+    """Apply the caller's own profile changes (username, contact e-mail, preferences), audited."""
     assert principal.user_id is not None
+    unknown = set(changes) - PROFILE_COLUMNS.keys()
+    assert not unknown, f"unexpected profile fields {unknown}"
+    if not changes:
+        raise InvalidRequest(
+            "Nothing to update: send 'username', 'email' or 'preferences'.", code="empty_update"
+        )
+    contact_email = changes.get("email")
     async with conn.transaction():
         before = await users_db.get_user(conn, user_id=principal.user_id, for_update=True)
-        if before is None:
+        if before is None or before.deleted_at is not None:
             raise NotFound("No such user.", code="user_not_found")
-        email = changes.get("email")
-        if "email" in changes and email is not None:
-            email = normalise_email(email)
-            if email != before.email and await users_db.email_taken(conn, email=email):
-                raise Conflict("This e-mail belongs to another account.", param="email", code="email_taken")
         user = await users_db.update_profile(
             conn,
             user_id=principal.user_id,
             username=changes.get("username"),
-            email=email,
+            contact_email=normalise_email(contact_email) if contact_email else None,
             preferences=changes.get("preferences"),
             set_username="username" in changes,
-            set_email="email" in changes,
+            set_contact_email="email" in changes,
         )
         assert user is not None
+        columns = [PROFILE_COLUMNS[name] for name in changes]
         await audit.record(
             conn,
             action="user.profile_update",
@@ -336,10 +398,17 @@ async def update_profile(
             user_id=user.id,
             subject_type="user",
             subject_id=user.id,
-            before={k: getattr(before, k) for k in changes},
-            after={k: getattr(user, k) for k in changes},
+            before={column: getattr(before, column) for column in columns},
+            after={column: getattr(user, column) for column in columns},
         )
     return user
+
+
+async def list_credit_transactions(
+    conn: asyncpg.Connection, *, user_id: UUID, limit: int, offset: int, type: str | None = None
+) -> tuple[list[CreditTransaction], int]:
+    """The user's own ledger rows, newest first, with the total that match."""
+    return await ledger_db.list_transactions(conn, user_id=user_id, limit=limit, offset=offset, type=type)
 
 
 async def delete_account(
