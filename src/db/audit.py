@@ -98,9 +98,14 @@ async def list_audit(
 
 async def purge_older_than(conn: asyncpg.Connection, *, days: int) -> int:
     """The retention sweep: the only delete the append-only trigger lets through."""
+    if days < 1:
+        raise ValueError("the audit retention must be at least one day")
     async with conn.transaction():
         await conn.execute("SELECT set_config('gatewayz.audit_retention_days', $1, true)", str(days))
         result: str = await conn.execute(
             "DELETE FROM audit_logs WHERE created_at < now() - make_interval(days => $1)", days
         )
+        # A transaction-local setting outlives a savepoint: when the caller's transaction goes on,
+        # later statements in it must not inherit the sweep's permission to delete.
+        await conn.execute("SELECT set_config('gatewayz.audit_retention_days', '', true)")
     return int(result.split()[-1])

@@ -14,6 +14,7 @@ PERMISSIONS: dict[str, str] = {
     "roles.read": "List roles and permissions",
     "roles.write": "Create roles and assign them to users",
     "audit.read": "Read the audit log",
+    "audit.sweep": "Delete audit rows older than the retention period",
     "security.read": "Read authentication-failure statistics",
     "keys.write": "Manage any user's API keys",
 }
