@@ -34,18 +34,29 @@ class AuthCache:
         self.clock = clock
         self._touched: OrderedDict[UUID, float] = OrderedDict()
         self._listener: asyncio.Task[None] | None = None
+        # Bumped by every invalidation. A lookup that read the database before an invalidation
+        # landed must not cache what it read: it may be the row as it was before the change.
+        self.generation = 0
 
     def get(self, digest: bytes) -> AuthRecord | None:
         return self.records.get(digest)
 
-    def set(self, digest: bytes, record: AuthRecord) -> None:
+    def set(self, digest: bytes, record: AuthRecord, *, generation: int | None = None) -> None:
+        """Cache `record`, unless an invalidation happened since `generation` was read."""
+        if generation is not None and generation != self.generation:
+            return
         self.records.set(digest, record)
 
     def drop(self, *, digests: Sequence[bytes] = (), user_id: UUID | None = None) -> None:
+        self.generation += 1
         for digest in digests:
             self.records.pop(digest)
         if user_id is not None:
             self.records.pop_where(lambda _, record: record.key.user_id == user_id)
+
+    def clear(self) -> None:
+        self.generation += 1
+        self.records.clear()
 
     async def invalidate(
         self,
@@ -95,7 +106,7 @@ class AuthCache:
                 async with redis.pubsub() as pubsub:
                     await pubsub.subscribe(CHANNEL)
                     # Messages may have been missed while disconnected: start from an empty cache.
-                    self.records.clear()
+                    self.clear()
                     backoff = 0.5
                     async for message in pubsub.listen():
                         if message.get("type") == "message":

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from ipaddress import ip_address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Annotated
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -32,7 +32,9 @@ from src.state import AppState, get_state
 
 logger = logging.getLogger("gatewayz.auth")
 
-INVALID_KEY = "Invalid API key. Check the key or create a new one."
+# One message for a missing, malformed, unknown, revoked, deactivated or expired key: the body
+# must not tell a key guesser which of these it hit.
+INVALID_KEY = "Invalid or missing API key. Send a valid key as 'Authorization: Bearer <key>'."
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,7 @@ def request_meta(request: Request, state: AppState) -> RequestMeta:
 def _bearer_token(request: Request) -> str:
     values = request.headers.getlist("authorization")
     if len(values) != 1:
-        raise AuthenticationFailed(
-            "Missing API key: send it as 'Authorization: Bearer <key>'." if not values else INVALID_KEY
-        )
+        raise AuthenticationFailed(INVALID_KEY)
     scheme, _, token = values[0].partition(" ")
     if scheme.lower() != "bearer" or not token or token != token.strip() or " " in token:
         raise AuthenticationFailed(INVALID_KEY)
@@ -90,11 +90,12 @@ async def _lookup(state: AppState, token: str) -> AuthRecord | None:
     digest = key_digest(state.settings.secret_key.get_secret_value(), token)
     record = state.auth_cache.get(digest)
     if record is None:
+        generation = state.auth_cache.generation
         async with state.pool.acquire() as conn:
             record = await keys_db.get_auth_record(conn, key_hash=digest)
         if record is None:
             return None
-        state.auth_cache.set(digest, record)
+        state.auth_cache.set(digest, record, generation=generation)
     return record if digests_match(record.key_hash, digest) else None
 
 
@@ -102,7 +103,12 @@ def _domain_allowed(request: Request, patterns: list[str]) -> bool:
     source = request.headers.get("origin") or request.headers.get("referer")
     if not source:
         return False
-    host = (urlsplit(source).hostname or "").lower()
+    try:
+        host = (urlsplit(source).hostname or "").rstrip(".")
+    except ValueError:  # a malformed header is a refusal, not a 500
+        return False
+    if not host:
+        return False
     for pattern in patterns:
         pattern = pattern.lower()
         if pattern.startswith("*.") and host.endswith(pattern[1:]):
@@ -128,9 +134,12 @@ def _check_key(request: Request, state: AppState, record: AuthRecord, ip: str | 
         raise PermissionDenied(f"This API key does not have the '{needed}' scope.", code="insufficient_scope")
     if key.ip_allowlist:
         try:
-            address = ip_address(ip or "")
+            address: IPv4Address | IPv6Address | None = ip_address(ip or "")
         except ValueError:
             address = None
+        if isinstance(address, IPv6Address) and address.ipv4_mapped is not None:
+            # A dual-stack listener reports IPv4 clients as ::ffff:a.b.c.d.
+            address = address.ipv4_mapped
         if address is None or not any(address in network for network in key.ip_allowlist):
             raise PermissionDenied(
                 "This API key may not be used from this IP address.", code="ip_not_allowed"

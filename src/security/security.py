@@ -55,8 +55,9 @@ def digests_match(a: bytes, b: bytes) -> bool:
 
 
 def display_prefix(key: str) -> str:
-    environment_part, _, random_part = key.rpartition("_")
-    return f"{environment_part}_{random_part[:DISPLAY_PREFIX_CHARS]}"
+    # The random part is URL-safe base64 and may itself contain "_": split after the environment.
+    brand, environment, random_part = key.split("_", 2)
+    return f"{brand}_{environment}_{random_part[:DISPLAY_PREFIX_CHARS]}"
 
 
 class KeyCipher:
