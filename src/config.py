@@ -86,6 +86,14 @@ class Settings(BaseSettings):
     default_tpd: int = Field(20_000_000, ge=1)
     default_concurrency: int = Field(50, ge=1)
     audit_retention_days: int = Field(365, ge=1)
+    # How many instances share the limits when they must be kept per process (no Redis, or Redis
+    # unreachable): each process then enforces limit / (WEB_CONCURRENCY x RATE_LIMIT_INSTANCES).
+    rate_limit_instances: int = Field(1, ge=1)
+    rate_limit_redis_retry_seconds: float = Field(5.0, gt=0)
+    # Failed authentications per IP and minute before that IP is throttled (key guessing).
+    auth_failure_limit_per_minute: int = Field(30, ge=1)
+    # Requests per IP and minute on unauthenticated routes (POST /auth).
+    public_rpm_per_ip: int = Field(60, ge=1)
 
     # Providers: each is enabled by its key; the custom one by its base URL.
     openrouter_api_key: SecretStr | None = None

@@ -82,6 +82,15 @@ class RequestContextMiddleware:
                 response_started = True
                 headers = [h for h in message.get("headers", []) if h[0].lower() != _REQUEST_ID_HEADER_BYTES]
                 headers.append(request_id_header)
+                # Rate-limit headers go on every response of a limited request, errors included.
+                limit_headers = state.get("rate_limit_headers")
+                if limit_headers:
+                    present = {h[0].lower() for h in headers}
+                    headers.extend(
+                        (name.lower().encode(), value.encode())
+                        for name, value in limit_headers.items()
+                        if name.lower().encode() not in present
+                    )
                 message = {**message, "headers": headers}
             elif too_large and not response_started:
                 return

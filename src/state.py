@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from redis.asyncio import Redis
 
 from src import db_config, redis_config
+from src.cache import TTLCache
 from src.config import Settings
 from src.security.auth_cache import AuthCache
 from src.security.client_ip import Network, parse_networks
@@ -27,6 +28,7 @@ from src.security.failures import AuthFailureCounter
 from src.services import credits
 from src.services.catalog import Catalog
 from src.services.providers import ProviderClient, Timeouts, build_profiles
+from src.services.rate_limit import RateLimiter
 
 logger = logging.getLogger("gatewayz.state")
 
@@ -47,6 +49,9 @@ class AppState:
     trusted_proxies: list[Network]
     providers: dict[str, ProviderClient]
     catalog: Catalog
+    limiter: RateLimiter
+    # IPs throttled for failed authentications, until their window ends (checked before lookups).
+    auth_blocked: TTLCache[str, float] = field(default_factory=lambda: TTLCache(ttl=60, max_size=100_000))
     started_at: float = field(default_factory=time.time)
     # Work that outlives its request (stream settlement, for one) and must finish before exit.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -79,6 +84,19 @@ async def open_state(settings: Settings) -> AppState:
     )
     providers = {name: ProviderClient(p, http, timeouts) for name, p in build_profiles(settings).items()}
     catalog = Catalog(pool=pool, redis=redis, clients=providers, markup=settings.pricing_markup)
+    processes = settings.web_concurrency * settings.rate_limit_instances
+    if redis is None and processes > 1:
+        logger.warning(
+            "no REDIS_URL: each of %d processes enforces 1/%d of every rate limit", processes, processes
+        )
+    limiter = RateLimiter(
+        redis=redis,
+        divisor=processes,
+        # A concurrency slot outlives the longest request a little, then frees itself.
+        lease_seconds=settings.upstream_total_timeout_seconds + 120,
+        redis_retry_seconds=settings.rate_limit_redis_retry_seconds,
+        ip_failure_limit=settings.auth_failure_limit_per_minute,
+    )
     state = AppState(
         settings=settings,
         pool=pool,
@@ -90,6 +108,7 @@ async def open_state(settings: Settings) -> AppState:
         trusted_proxies=parse_networks(settings.trusted_proxy_list),
         providers=providers,
         catalog=catalog,
+        limiter=limiter,
     )
     state.sweeper = asyncio.get_running_loop().create_task(
         credits.sweep_forever(pool, interval=settings.hold_sweep_interval_seconds)
@@ -102,14 +121,18 @@ async def close_state(state: AppState) -> None:
         state.sweeper.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await state.sweeper
+    # In-flight settlements get a deadline to finish; money is never left half-done because each
+    # settlement is one statement. Tasks may spawn more (a cancelled stream spawns its settlement),
+    # so drain until nothing is left or the deadline passes.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BACKGROUND_DRAIN_SECONDS
+    while state.background and loop.time() < deadline:
+        await asyncio.wait(set(state.background), timeout=deadline - loop.time())
+        await asyncio.sleep(0)
     if state.background:
-        # In-flight settlements get the shutdown deadline to finish; money is never left half-done
-        # because each settlement is one transaction.
-        _, pending = await asyncio.wait(set(state.background), timeout=BACKGROUND_DRAIN_SECONDS)
-        for task in pending:
+        logger.warning("cancelled %d background tasks at shutdown", len(state.background))
+        for task in list(state.background):
             task.cancel()
-        if pending:
-            logger.warning("cancelled %d background tasks at shutdown", len(pending))
     await state.auth_cache.stop_listener()
     await state.http.aclose()
     if state.redis is not None:

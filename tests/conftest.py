@@ -109,12 +109,35 @@ async def create_test_database(pg_admin_dsn: str, template: str) -> tuple[str, s
     return name, db_config.with_database(pg_admin_dsn, name)
 
 
+class _Dropper:
+    """Drops finished tests' databases in the background, so no test waits for it."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def drop(self, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(_drop_database(self.admin_dsn, name))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def wait(self) -> None:
+        await asyncio.gather(*self.pending, return_exceptions=True)
+
+
+@pytest.fixture(scope="session")
+async def _dropper(pg_admin_dsn: str) -> AsyncIterator[_Dropper]:
+    dropper = _Dropper(pg_admin_dsn)
+    yield dropper
+    await dropper.wait()
+
+
 @pytest.fixture
-async def database_url(pg_admin_dsn: str, template_database: str) -> AsyncIterator[str]:
+async def database_url(pg_admin_dsn: str, template_database: str, _dropper: _Dropper) -> AsyncIterator[str]:
     """A fresh, migrated database for this test alone."""
     name, dsn = await create_test_database(pg_admin_dsn, template_database)
     yield dsn
-    await _drop_database(pg_admin_dsn, name)
+    _dropper.drop(name)
 
 
 @pytest.fixture
@@ -139,6 +162,15 @@ def make_settings(database_url: str | None, data_dir: Path, **overrides: Any) ->
         "log_level": "DEBUG",
         "database_pool_min_size": 1,
         "database_pool_max_size": 20,
+        # Far above what functional tests send, so a 402 test never turns into a 429; the limit
+        # tests set their own.
+        "default_rpm": 100_000,
+        "default_rpd": 10_000_000,
+        "default_tpm": 10**12,
+        "default_tpd": 10**13,
+        "default_concurrency": 10_000,
+        "auth_failure_limit_per_minute": 100_000,
+        "public_rpm_per_ip": 100_000,
     }
     values.update(overrides)
     return Settings(**values)

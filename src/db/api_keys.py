@@ -55,6 +55,12 @@ class AuthRecord:
     user_banned: bool
     user_deleted: bool
     role: str
+    # The owner's admin-set ceilings (None: the plan's or the defaults), read with the key so that
+    # rate limiting costs no extra round trip.
+    user_limits: dict[str, int | None]
+
+
+USER_LIMIT_COLUMNS = ("rpm_limit", "rpd_limit", "tpm_limit", "tpd_limit", "concurrency_limit")
 
 
 def _key(row: asyncpg.Record | None) -> ApiKey | None:
@@ -71,7 +77,9 @@ async def get_auth_record(conn: asyncpg.Connection, *, key_hash: bytes) -> AuthR
     row = await conn.fetchrow(
         f"""SELECT {", ".join("k." + c.strip() for c in KEY_COLUMNS.split(","))}, k.key_hash,
                 u.is_active AS user_is_active, u.banned_at IS NOT NULL AS user_banned,
-                u.deleted_at IS NOT NULL AS user_deleted, u.role
+                u.deleted_at IS NOT NULL AS user_deleted, u.role,
+                u.rpm_limit AS u_rpm_limit, u.rpd_limit AS u_rpd_limit, u.tpm_limit AS u_tpm_limit,
+                u.tpd_limit AS u_tpd_limit, u.concurrency_limit AS u_concurrency_limit
             FROM api_keys k JOIN users u ON u.id = k.user_id
             WHERE k.key_hash = $1""",
         key_hash,
@@ -83,9 +91,10 @@ async def get_auth_record(conn: asyncpg.Connection, *, key_hash: bytes) -> AuthR
         name: values.pop(name)
         for name in ("key_hash", "user_is_active", "user_banned", "user_deleted", "role")
     }
+    user_limits = {name: values.pop(f"u_{name}") for name in USER_LIMIT_COLUMNS}
     key = _key(values)
     assert key is not None
-    return AuthRecord(key=key, **extra)
+    return AuthRecord(key=key, user_limits=user_limits, **extra)
 
 
 async def insert_key(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request
 
 from src.deps import Conn, State
 from src.errors import InvalidRequest
 from src.schemas.users import Balance, LoginResponse, PrivyLogin, Profile
-from src.security.deps import request_meta
+from src.security.deps import public_ip_limit, request_meta
 from src.services import users as users_service
 
 router = APIRouter(tags=["auth"])
@@ -25,7 +25,9 @@ def _bearer(authorization: str | None) -> str | None:
 
 @router.post(
     "/auth",
+    dependencies=[Depends(public_ip_limit)],
     responses={
+        429: {"description": "Too many requests from this address."},
         400: {"description": "The body has unknown fields, or two different access tokens."},
         401: {"description": "A missing, invalid, expired or forged Privy token."},
         403: {"description": "The account is disabled."},

@@ -10,7 +10,7 @@ from starlette.responses import Response, StreamingResponse
 from src.deps import State
 from src.schemas.chat import ChatCompletionRequest
 from src.schemas.openapi import json_body
-from src.security.deps import CurrentUser
+from src.security.deps import RateLimitedUser
 from src.services import chat as chat_service
 
 router = APIRouter(tags=["inference"])
@@ -32,10 +32,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     responses=ERRORS,
     openapi_extra=json_body(ChatCompletionRequest),
 )
-async def create_chat_completion(request: Request, principal: CurrentUser, state: State) -> Response:
+async def create_chat_completion(request: Request, limited: RateLimitedUser, state: State) -> Response:
     """Create a chat completion (plain JSON, or server-sent events with `stream: true`)."""
     result = await chat_service.create(
-        state, principal, await request.body(), client_request_id=request.state.request_id
+        state, limited, await request.body(), client_request_id=request.state.request_id
     )
     if isinstance(result, chat_service.StreamStart):
         return StreamingResponse(

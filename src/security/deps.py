@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -23,11 +24,14 @@ from fastapi import Depends, Request
 from src.db import api_keys as keys_db
 from src.db import users as users_db
 from src.db.api_keys import AuthRecord
-from src.errors import AuthenticationFailed, PermissionDenied
+from src.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from src.logging_config import bind_request_context
 from src.security import permissions
 from src.security.client_ip import client_ip
 from src.security.security import digests_match, key_digest, looks_like_key
+from src.services import limits as limits_service
+from src.services import rate_limit
+from src.services.rate_limit import Admission
 from src.state import AppState, get_state
 
 logger = logging.getLogger("gatewayz.auth")
@@ -151,6 +155,10 @@ def _check_key(request: Request, state: AppState, record: AuthRecord, ip: str | 
 async def authenticate(request: Request, state: Annotated[AppState, Depends(get_state)]) -> Principal:
     """The caller, verified; raises 401 or 403."""
     ip = client_ip(request.scope, state.trusted_proxies)
+    blocked = state.auth_blocked.get(ip or "")
+    if blocked is not None:
+        # This IP has been guessing keys: it gets no lookups until the window passes.
+        raise _throttled(blocked)
     try:
         token = _bearer_token(request)
         if _is_operator_key(state, token):
@@ -163,6 +171,9 @@ async def authenticate(request: Request, state: Annotated[AppState, Depends(get_
         _check_key(request, state, record, ip)
     except AuthenticationFailed:
         state.auth_failures.record(ip)
+        retry_after = await state.limiter.record_ip_failure(ip)
+        if retry_after is not None:
+            state.auth_blocked.set(ip or "", retry_after, ttl=retry_after)
         raise
     key = record.key
     request.state.user_id = str(key.user_id)
@@ -171,6 +182,14 @@ async def authenticate(request: Request, state: Annotated[AppState, Depends(get_
     if state.auth_cache.should_touch(key.id):
         state.spawn(_touch(state, key.id))
     return Principal(user_id=key.user_id, key_id=key.id, is_operator=False, record=record)
+
+
+def _throttled(retry_after: float) -> RateLimited:
+    return RateLimited(
+        "Too many failed authentications from this address; retry later.",
+        code="too_many_auth_failures",
+        headers={"Retry-After": str(max(1, math.ceil(retry_after)))},
+    )
 
 
 async def _touch(state: AppState, key_id: UUID) -> None:
@@ -211,3 +230,66 @@ def require_permission(permission: str) -> Callable[..., Awaitable[Principal]]:
 
 CurrentUser = Annotated[Principal, Depends(authenticate_user)]
 AnyPrincipal = Annotated[Principal, Depends(authenticate)]
+
+
+@dataclass(frozen=True)
+class Limited:
+    """An authenticated caller admitted by the rate limiter, holding a concurrency slot."""
+
+    principal: Principal
+    admission: Admission
+
+
+async def rate_limited(
+    request: Request,
+    principal: Annotated[Principal, Depends(authenticate_user)],
+    state: Annotated[AppState, Depends(get_state)],
+) -> Limited:
+    """Requests per window and the concurrency slot, per key and per user, decided together.
+
+    The slot is released by whoever finishes the request (the inference service, or the
+    `finish_now` variant below); a slot that is never released expires with its lease.
+    """
+    assert principal.record is not None and principal.user_id is not None
+    record = principal.record
+    ceiling = limits_service.ceiling(state.settings, record.user_limits)
+    own = {name: getattr(record.key, name) for name in limits_service.LIMIT_NAMES}
+    subjects = rate_limit.subjects_for(
+        key_id=principal.key_id,
+        user_id=principal.user_id,
+        key_limits=limits_service.effective_key_limits(own, ceiling),
+        user_limits=ceiling,
+    )
+    admission = await state.limiter.admit(subjects)
+    request.state.rate_limit_headers = admission.headers
+    return Limited(principal=principal, admission=admission)
+
+
+async def rate_limited_quick(
+    limited: Annotated[Limited, Depends(rate_limited)], state: Annotated[AppState, Depends(get_state)]
+) -> Principal:
+    """For /v1 routes that do no upstream work: counted, then the slot is freed at once."""
+    await state.limiter.finish(limited.admission)
+    return limited.principal
+
+
+async def public_ip_limit(request: Request, state: Annotated[AppState, Depends(get_state)]) -> None:
+    """Requests per IP on unauthenticated routes (POST /auth)."""
+    ip = client_ip(request.scope, state.trusted_proxies) or "unknown"
+    subject = rate_limit.Subject(
+        kind="ip",
+        id=ip,
+        limits=limits_service.Limits(
+            rpm_limit=state.settings.public_rpm_per_ip,
+            rpd_limit=state.settings.public_rpm_per_ip * 60 * 24,
+            tpm_limit=1,
+            tpd_limit=1,
+            concurrency_limit=state.settings.public_rpm_per_ip,
+        ),
+    )
+    admission = await state.limiter.admit((subject,))
+    await state.limiter.finish(admission)
+
+
+RateLimitedUser = Annotated[Limited, Depends(rate_limited)]
+LimitedPrincipal = Annotated[Principal, Depends(rate_limited_quick)]

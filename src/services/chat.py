@@ -29,7 +29,7 @@ from src.errors import (
     UpstreamTimeout,
 )
 from src.schemas.chat import DENIED_FIELDS, GATEWAY_FIELDS, ChatCompletionRequest
-from src.security.deps import Principal
+from src.security.deps import Limited, Principal
 from src.services import credits, tokens
 from src.services.catalog import Candidate
 from src.services.credits import Cost, Hold, Usage
@@ -40,6 +40,7 @@ from src.services.providers import (
     ProviderTimeout,
     sse_events,
 )
+from src.services.rate_limit import Admission
 from src.state import AppState
 
 logger = logging.getLogger("gatewayz.chat")
@@ -61,6 +62,7 @@ class Prepared:
     hold_amount: Decimal
     stream: bool
     client_request_id: str | None
+    media_parts: int = 0
 
 
 @dataclass
@@ -73,6 +75,8 @@ class Outcome:
     status: str = "success"
     error_code: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    # Tokens billed (input + output), for the token-limit correction once the request ends.
+    tokens: int = 0
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
@@ -149,7 +153,32 @@ async def prepare(
         hold_amount=hold_amount,
         stream=stream,
         client_request_id=client_request_id,
+        media_parts=estimate.media_parts,
     )
+
+
+@dataclass(frozen=True)
+class Estimate:
+    prepared: Prepared
+    likely_cost: Decimal
+
+
+# A typical answer is far shorter than max_tokens; the likely cost assumes this many per choice.
+LIKELY_OUTPUT_TOKENS = 256
+
+
+async def estimate_cost(state: AppState, raw: bytes) -> Estimate:
+    """The hold a request would take and its likely cost, without holding anything or calling a provider."""
+    prepared = await prepare(state, raw, client_request_id=None)
+    first = prepared.candidates[0]  # the cheapest, unless a provider is pinned: where it goes first
+    n = prepared.request.n or 1
+    likely = credits.cost_of(
+        first.price,
+        input_tokens=prepared.prompt_tokens
+        + prepared.media_parts * state.settings.media_part_token_allowance,
+        output_tokens=min(prepared.output_allowance // n, LIKELY_OUTPUT_TOKENS) * n,
+    )
+    return Estimate(prepared=prepared, likely_cost=likely.total)
 
 
 def _client(state: AppState, candidate: Candidate) -> ProviderClient:
@@ -271,6 +300,7 @@ def _no_more_candidates(errors: list[ProviderError]) -> GatewayError:
 class Completion:
     body: bytes
     headers: dict[str, str]
+    tokens: int
 
 
 async def complete(state: AppState, principal: Principal, prepared: Prepared, hold: Hold) -> Completion:
@@ -293,8 +323,10 @@ async def complete(state: AppState, principal: Principal, prepared: Prepared, ho
                     ProviderError(candidate.provider, "The upstream provider returned an invalid response.")
                 )
                 outcome.status, outcome.error_code = "upstream_error", "upstream_bad_response"
-                # The provider may have generated (and will bill) tokens: charge what it reports.
-                outcome.candidate, outcome.usage = candidate, payload.get("usage")
+                if _sane_usage(payload.get("usage")) is not None:
+                    # The provider reports tokens it will bill us for: charge those. Without a
+                    # report nothing was delivered, so an estimate would bill for nothing.
+                    outcome.candidate, outcome.usage = candidate, payload.get("usage")
                 raise UpstreamError(
                     "The upstream provider returned an invalid response.", code="upstream_bad_response"
                 )
@@ -316,6 +348,7 @@ async def complete(state: AppState, principal: Principal, prepared: Prepared, ho
             return Completion(
                 body=orjson.dumps(payload),
                 headers={"X-Gateway-Provider": candidate.provider, "X-Gateway-Cost": f"{charged:f}"},
+                tokens=usage.input_tokens + usage.output_tokens,
             )
         outcome.status = "upstream_error"
         outcome.error_code = errors[-1].code if errors else "no_provider_available"
@@ -331,7 +364,9 @@ async def _settle_after_failure(
     state: AppState, principal: Principal, hold: Hold, prepared: Prepared, outcome: Outcome
 ) -> None:
     try:
-        await _settle(state, principal, hold, usage_for(prepared, outcome))
+        usage = usage_for(prepared, outcome)
+        outcome.tokens = usage.input_tokens + usage.output_tokens
+        await _settle(state, principal, hold, usage)
     except Exception:
         # The sweeper releases the hold after the maximum request time; nothing is lost.
         logger.exception("settlement failed for hold %s", hold.id)
@@ -391,7 +426,12 @@ def _error_event(message: str, code: str) -> bytes:
 
 
 async def relay_stream(
-    state: AppState, principal: Principal, prepared: Prepared, hold: Hold, opened: OpenedStream
+    state: AppState,
+    principal: Principal,
+    prepared: Prepared,
+    hold: Hold,
+    opened: OpenedStream,
+    admission: Admission,
 ) -> AsyncIterator[bytes]:
     """Forward the upstream's chunks as they arrive, then a usage chunk with the cost, then [DONE].
 
@@ -446,6 +486,7 @@ async def relay_stream(
             )
             return
         usage = usage_for(prepared, outcome)
+        outcome.tokens = usage.input_tokens + usage.output_tokens
         charged = await _settle(state, principal, hold, usage)
         settled = True
         yield _sse(_usage_chunk(prepared, opened.candidate, last_chunk, usage, charged))
@@ -466,8 +507,24 @@ async def relay_stream(
         if not settled:
             # The client went away (or the server is shutting down): bill what was generated.
             outcome.status, outcome.error_code = "client_disconnect", None
-            state.spawn(_settle_after_failure(state, principal, hold, prepared, outcome))
+        state.spawn(_end_stream(state, principal, hold, prepared, outcome, admission, settle=not settled))
         state.spawn(response.aclose())
+
+
+async def _end_stream(
+    state: AppState,
+    principal: Principal,
+    hold: Hold,
+    prepared: Prepared,
+    outcome: Outcome,
+    admission: Admission,
+    *,
+    settle: bool,
+) -> None:
+    """Outlives the request: settle a stream that ended without it, then free its slot."""
+    if settle:
+        await _settle_after_failure(state, principal, hold, prepared, outcome)
+    await state.limiter.finish(admission, actual_tokens=outcome.tokens)
 
 
 async def _settle_stream(
@@ -520,25 +577,41 @@ class StreamStart:
 
 
 async def create(
-    state: AppState, principal: Principal, raw: bytes, *, client_request_id: str | None
+    state: AppState, limited: Limited, raw: bytes, *, client_request_id: str | None
 ) -> Completion | StreamStart:
-    """The whole pipeline for one request: validate, resolve, hold, call, settle."""
-    prepared = await prepare(state, raw, client_request_id=client_request_id)
+    """The whole pipeline for one request: validate, resolve, tokens limit, hold, call, settle.
+
+    The concurrency slot taken by the rate limiter is released here on every path: at once when
+    the request fails before the upstream call, after settlement otherwise (for a stream, when
+    the stream ends however it ends).
+    """
+    principal, admission = limited.principal, limited.admission
+    limiter = state.limiter
     assert principal.user_id is not None
-    hold = await credits.place_hold(
-        state.pool,
-        user_id=principal.user_id,
-        api_key_id=principal.key_id,
-        amount=prepared.hold_amount,
-        model=prepared.request.model,
-        request_type="chat",
-        ttl_seconds=state.settings.upstream_total_timeout_seconds + HOLD_MARGIN_SECONDS,
-    )
-    if not prepared.stream:
-        return await complete(state, principal, prepared, hold)
-    opened = await open_stream(state, prepared, hold, principal)
+    try:
+        prepared = await prepare(state, raw, client_request_id=client_request_id)
+        await limiter.reserve_tokens(admission, prepared.prompt_tokens + prepared.output_allowance)
+        hold = await credits.place_hold(
+            state.pool,
+            user_id=principal.user_id,
+            api_key_id=principal.key_id,
+            amount=prepared.hold_amount,
+            model=prepared.request.model,
+            request_type="chat",
+            ttl_seconds=state.settings.upstream_total_timeout_seconds + HOLD_MARGIN_SECONDS,
+        )
+        if not prepared.stream:
+            completion = await complete(state, principal, prepared, hold)
+            await limiter.finish(admission, actual_tokens=completion.tokens)
+            return completion
+        opened = await open_stream(state, prepared, hold, principal)
+    except BaseException:
+        # Refused or failed before anything was generated: the slot is free, no tokens were used.
+        await asyncio.shield(limiter.finish(admission, actual_tokens=0))
+        raise
     return StreamStart(
-        provider=opened.candidate.provider, chunks=relay_stream(state, principal, prepared, hold, opened)
+        provider=opened.candidate.provider,
+        chunks=relay_stream(state, principal, prepared, hold, opened, admission),
     )
 
 
