@@ -8,6 +8,7 @@ session, so concurrency tests can run real transactions against it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import tempfile
 import uuid
@@ -137,7 +138,56 @@ async def database_url(pg_admin_dsn: str, template_database: str, _dropper: _Dro
     """A fresh, migrated database for this test alone."""
     name, dsn = await create_test_database(pg_admin_dsn, template_database)
     yield dsn
+    await _assert_no_key_material_in_audit(dsn)
     _dropper.drop(name)
+
+
+# Every API key the code generated during the session: none may appear in a log line, an audit
+# row or an error body (checked after each test, and over the whole session's log at the end).
+CREATED_KEYS: set[str] = set()
+
+
+async def _assert_no_key_material_in_audit(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        audit = await conn.fetchval("SELECT coalesce(string_agg(a::text, ' '), '') FROM audit_logs a")
+        stored = await conn.fetch("SELECT key_hash, key_encrypted FROM api_keys")
+    finally:
+        await conn.close()
+    material = {key for key in CREATED_KEYS} | {row["key_hash"].hex() for row in stored}
+    material |= {row["key_encrypted"] for row in stored}
+    leaked = [item[:12] for item in material if item in audit]
+    assert not leaked, f"key material in audit rows: {leaked}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_key_in_any_log_line() -> Iterator[None]:
+    """Run the session with every record at DEBUG written through the redacting formatter to a file,
+    record every generated key, and prove at the end that no key reached the log."""
+    from src.logging_config import JsonFormatter
+    from src.security import security
+
+    generate = security.generate_key
+
+    def recording(environment: security.Environment = "live") -> str:
+        key = generate(environment)
+        CREATED_KEYS.add(key)
+        return key
+
+    security.generate_key = recording  # type: ignore[assignment]
+    log_path = _SESSION_DIR / "session.log"
+    handler = logging.FileHandler(log_path)
+    handler.setFormatter(JsonFormatter())
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    yield
+    logging.getLogger().removeHandler(handler)
+    handler.close()
+    security.generate_key = generate  # type: ignore[assignment]
+    text = log_path.read_text()
+    leaked = [key[:12] for key in CREATED_KEYS if key in text]
+    assert CREATED_KEYS, "no key was generated: the sweep would prove nothing"
+    assert not leaked, f"{len(leaked)} API keys appear in the session log: {leaked[:5]}"
 
 
 @pytest.fixture
@@ -195,9 +245,18 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
         yield application
 
 
+async def _no_key_in_error_body(response: httpx.Response) -> None:
+    if response.status_code >= 400:
+        await response.aread()
+        leaked = [key for key in CREATED_KEYS if key in response.text]
+        assert not leaked, f"an error body contains an API key: {response.request.url}"
+
+
 def asgi_client(application: FastAPI, **kwargs: Any) -> httpx.AsyncClient:
     transport = httpx.ASGITransport(app=application, raise_app_exceptions=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://testserver", **kwargs)
+    hooks = kwargs.pop("event_hooks", {})
+    hooks.setdefault("response", []).append(_no_key_in_error_body)
+    return httpx.AsyncClient(transport=transport, base_url="http://testserver", event_hooks=hooks, **kwargs)
 
 
 @pytest.fixture
