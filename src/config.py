@@ -117,6 +117,11 @@ class Settings(BaseSettings):
     default_max_output_tokens: int = Field(4096, ge=1)
     media_part_token_allowance: int = Field(1500, ge=0)
     hold_sweep_interval_seconds: float = Field(60.0, gt=0)
+    # Failover: a provider's circuit opens after this many consecutive failures, for this long;
+    # an upstream Retry-After cools that provider and model down for at most the cap.
+    breaker_failure_threshold: int = Field(5, ge=1)
+    breaker_open_seconds: float = Field(30.0, gt=0)
+    provider_cooldown_max_seconds: float = Field(60.0, gt=0)
 
     # Identity
     privy_app_id: str | None = None

@@ -27,6 +27,7 @@ from src.security.client_ip import Network, parse_networks
 from src.security.failures import AuthFailureCounter
 from src.services import credits
 from src.services.catalog import Catalog
+from src.services.provider_health import ProviderHealth
 from src.services.providers import ProviderClient, Timeouts, build_profiles
 from src.services.rate_limit import RateLimiter
 
@@ -50,6 +51,7 @@ class AppState:
     providers: dict[str, ProviderClient]
     catalog: Catalog
     limiter: RateLimiter
+    health: ProviderHealth
     # IPs throttled for failed authentications, until their window ends (checked before lookups).
     auth_blocked: TTLCache[str, float] = field(default_factory=lambda: TTLCache(ttl=60, max_size=100_000))
     started_at: float = field(default_factory=time.time)
@@ -97,6 +99,14 @@ async def open_state(settings: Settings) -> AppState:
         redis_retry_seconds=settings.rate_limit_redis_retry_seconds,
         ip_failure_limit=settings.auth_failure_limit_per_minute,
     )
+    health = ProviderHealth(
+        redis=redis,
+        failure_threshold=settings.breaker_failure_threshold,
+        open_seconds=settings.breaker_open_seconds,
+        cooldown_cap_seconds=settings.provider_cooldown_max_seconds,
+    )
+    if redis is not None:
+        health.start_listener(redis)
     state = AppState(
         settings=settings,
         pool=pool,
@@ -109,6 +119,7 @@ async def open_state(settings: Settings) -> AppState:
         providers=providers,
         catalog=catalog,
         limiter=limiter,
+        health=health,
     )
     state.sweeper = asyncio.get_running_loop().create_task(
         credits.sweep_forever(pool, interval=settings.hold_sweep_interval_seconds)
@@ -134,6 +145,7 @@ async def close_state(state: AppState) -> None:
         for task in list(state.background):
             task.cancel()
     await state.auth_cache.stop_listener()
+    await state.health.stop_listener()
     await state.http.aclose()
     if state.redis is not None:
         await state.redis.aclose()

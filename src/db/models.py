@@ -142,3 +142,58 @@ async def upsert_override(
     )
     assert row is not None
     return PriceOverride(**dict(row))
+
+
+async def get_override(
+    conn: asyncpg.Connection, *, model_id: str, provider: str | None, for_update: bool = False
+) -> PriceOverride | None:
+    """The admin price for exactly (model, provider); provider None is the model-wide one."""
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(
+        f"SELECT {OVERRIDE_COLUMNS} FROM model_pricing"
+        f" WHERE model_id = $1 AND provider IS NOT DISTINCT FROM $2{lock}",
+        model_id,
+        provider,
+    )
+    return PriceOverride(**dict(row)) if row is not None else None
+
+
+async def list_overrides(
+    conn: asyncpg.Connection, *, model_id: str | None, limit: int, offset: int
+) -> list[PriceOverride]:
+    rows = await conn.fetch(
+        f"SELECT {OVERRIDE_COLUMNS} FROM model_pricing WHERE $1::text IS NULL OR model_id = $1"
+        " ORDER BY model_id, provider NULLS FIRST LIMIT $2 OFFSET $3",
+        model_id,
+        limit,
+        offset,
+    )
+    return [PriceOverride(**dict(row)) for row in rows]
+
+
+async def count_overrides(conn: asyncpg.Connection, *, model_id: str | None) -> int:
+    value = await conn.fetchval(
+        "SELECT count(*) FROM model_pricing WHERE $1::text IS NULL OR model_id = $1", model_id
+    )
+    return int(value)
+
+
+async def overrides_for_model(conn: asyncpg.Connection, *, model_id: str) -> list[PriceOverride]:
+    rows = await conn.fetch(
+        f"SELECT {OVERRIDE_COLUMNS} FROM model_pricing WHERE model_id = $1 ORDER BY provider NULLS FIRST",
+        model_id,
+    )
+    return [PriceOverride(**dict(row)) for row in rows]
+
+
+async def active_model_rows(
+    conn: asyncpg.Connection, *, model_id: str, providers: list[str]
+) -> list[ModelRow]:
+    """One model as each of `providers` lists it (active rows only)."""
+    rows = await conn.fetch(
+        f"SELECT {MODEL_COLUMNS} FROM models"
+        " WHERE model_id = $1 AND is_active AND provider = ANY($2::text[]) ORDER BY provider",
+        model_id,
+        providers,
+    )
+    return [ModelRow(**dict(row)) for row in rows]

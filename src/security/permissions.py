@@ -17,6 +17,10 @@ PERMISSIONS: dict[str, str] = {
     "audit.sweep": "Delete audit rows older than the retention period",
     "security.read": "Read authentication-failure statistics",
     "keys.write": "Manage any user's API keys",
+    "pricing.read": "Read admin model prices and each provider's effective price",
+    "pricing.write": "Set admin model prices",
+    "limits.read": "Read users' rate-limit ceilings and keys' limits",
+    "limits.write": "Set users' rate-limit ceilings (above the plan too) and keys' limits",
 }
 
 # Key scopes. A key holds '*' (every scope) unless created with a narrower list.
@@ -36,6 +40,9 @@ def has_permission(granted: list[str], permission: str) -> bool:
 def scope_for(method: str, path: str) -> str:
     """The scope a request needs, from its route: every route is covered, new ones included."""
     if path.startswith("/v1/") or path == "/v1":
+        return "inference"
+    if path.startswith("/catalog/"):
+        # Browsing is public; the cost estimate of an inference request is part of inference.
         return "inference"
     if path.startswith("/admin"):
         return "admin"

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -24,7 +25,7 @@ from redis.asyncio import Redis
 from src.db import models as models_db
 from src.db.models import ModelRow, PriceOverride
 from src.errors import InvalidRequest, ModelNotFound, ModelNotPriced
-from src.services.providers import ProviderClient, ProviderError
+from src.services.providers import PROVIDER_CATALOG, ProviderClient, ProviderError
 
 logger = logging.getLogger("gatewayz.catalog")
 
@@ -113,11 +114,18 @@ def model_row(provider: str, item: dict[str, Any], *, with_prices: bool) -> Mode
     )
 
 
+def applicable_override(
+    row: ModelRow, overrides: dict[tuple[str, str | None], PriceOverride]
+) -> PriceOverride | None:
+    """The admin price that governs this row: its provider's own, else the model-wide one."""
+    return overrides.get((row.model_id, row.provider)) or overrides.get((row.model_id, None))
+
+
 def effective_price(
     row: ModelRow, overrides: dict[tuple[str, str | None], PriceOverride], markup: Decimal
 ) -> Price | None:
     """Admin price for this provider, else for every provider, else the provider's own; None: unpriced."""
-    override = overrides.get((row.model_id, row.provider)) or overrides.get((row.model_id, None))
+    override = applicable_override(row, overrides)
     if override is not None and override.is_free:
         return Price(prompt=ZERO, completion=ZERO)
     if override is not None and override.prompt_price is not None and override.completion_price is not None:
@@ -153,12 +161,16 @@ class Catalog:
         self._loaded_at = -math.inf
         self._lock = asyncio.Lock()
         self._refreshing: asyncio.Task[None] | None = None
+        # Bumped by invalidate(): a load that read the database before the bump must not mark
+        # the snapshot fresh, or a price change could wait a whole TTL on its own instance.
+        self._generation = 0
 
     async def ready(self) -> dict[str, CatalogModel]:
         """The current snapshot; loads it on first use and refreshes it in the background when stale."""
         now = self.clock()
         if self._loaded_at == -math.inf:
-            await self.refresh()
+            # First use fetches the provider lists; after an invalidation the database is enough.
+            await self.refresh(fetch=None if self._fetched_at == -math.inf else False)
         elif (
             now - self._loaded_at > SNAPSHOT_TTL_SECONDS or now - self._fetched_at > CATALOG_TTL_SECONDS
         ) and (self._refreshing is None or self._refreshing.done()):
@@ -173,6 +185,7 @@ class Catalog:
 
     def invalidate(self) -> None:
         """Rebuild the snapshot from the database on next use (after an admin price change)."""
+        self._generation += 1
         self._loaded_at = -math.inf
 
     async def _fetch_providers(self) -> None:
@@ -184,6 +197,11 @@ class Catalog:
                 if isinstance(result, BaseException):
                     # Keep what the database already has for this provider.
                     logger.warning("model list of %s unavailable: %s", client.name, type(result).__name__)
+                    continue
+                if not result:
+                    # An empty list from a provider that served models is a glitch far more often
+                    # than a real change; deactivating everything would take the provider offline.
+                    logger.warning("model list of %s is empty; keeping the stored one", client.name)
                     continue
                 rows = [
                     model_row(client.name, item, with_prices=client.profile.publishes_prices)
@@ -212,6 +230,7 @@ class Catalog:
         return items
 
     async def _load_snapshot(self) -> None:
+        generation = self._generation
         async with self.pool.acquire() as conn:
             rows = await models_db.active_models(conn, providers=list(self.clients))
             overrides = {(o.model_id, o.provider): o for o in await models_db.price_overrides(conn)}
@@ -222,9 +241,8 @@ class Catalog:
                 entry = models[row.model_id] = CatalogModel(
                     id=row.model_id,
                     name=row.name,
-                    owned_by=row.owned_by or row.model_id.split("/")[0]
-                    if "/" in row.model_id
-                    else row.provider,
+                    owned_by=row.owned_by
+                    or (row.model_id.split("/")[0] if "/" in row.model_id else row.provider),
                     created=row.created,
                     context_length=row.context_length,
                 )
@@ -249,7 +267,8 @@ class Catalog:
         for entry in models.values():
             entry.candidates.sort(key=lambda c: (c.price.prompt + c.price.completion, c.provider))
         self.models = models
-        self._loaded_at = self.clock()
+        if generation == self._generation:
+            self._loaded_at = self.clock()
 
     async def get(self, model: str) -> CatalogModel:
         entry = (await self.ready()).get(model)
@@ -307,6 +326,67 @@ def model_view(model: CatalogModel) -> dict[str, Any]:
             for c in model.candidates
         ],
     }
+
+
+def search(models: dict[str, CatalogModel], *, q: str | None, provider: str | None) -> list[CatalogModel]:
+    """Usable models whose id or name contains `q` (any case), served by `provider` when given, by id."""
+    needle = q.casefold() if q else None
+    found = []
+    for model in sorted(models.values(), key=lambda m: m.id):
+        if not model.candidates:
+            continue
+        if provider is not None and all(c.provider != provider for c in model.candidates):
+            continue
+        if needle and needle not in model.id.casefold() and needle not in (model.name or "").casefold():
+            continue
+        found.append(model)
+    return found
+
+
+@dataclass(frozen=True)
+class ProviderInfo:
+    name: str
+    display_name: str
+    enabled: bool
+    model_count: int
+    site_url: str | None
+    logo_url: str | None
+
+
+# How the named providers present themselves while they are not configured here (a configured
+# provider shows its profile's values).
+NAMED_PROVIDERS: dict[str, tuple[str, str, str]] = {
+    "openrouter": ("OpenRouter", "https://openrouter.ai", "https://openrouter.ai/favicon.ico"),
+    "portkey": ("Portkey", "https://portkey.ai", "https://portkey.ai/favicon.ico"),
+    "featherless": ("Featherless", "https://featherless.ai", "https://featherless.ai/favicon.ico"),
+    "chutes": ("Chutes", "https://chutes.ai", "https://chutes.ai/favicon.ico"),
+}
+
+
+async def provider_overview(catalog: Catalog) -> list[ProviderInfo]:
+    """Every named provider, enabled or not, and any other configured one, with its usable model count."""
+    models = await catalog.ready()
+    counts = Counter(c.provider for m in models.values() for c in m.candidates)
+    names = list(PROVIDER_CATALOG) + [name for name in catalog.clients if name not in PROVIDER_CATALOG]
+    overview = []
+    for name in names:
+        client = catalog.clients.get(name)
+        if client is not None:
+            profile = client.profile
+            display, site, logo = profile.display_name, profile.site_url, profile.logo_url
+        else:
+            display, site, logo = NAMED_PROVIDERS.get(name, (name, "", ""))
+        overview.append(
+            ProviderInfo(
+                name=name,
+                display_name=display,
+                enabled=client is not None,
+                model_count=counts[name],
+                site_url=site or None,
+                logo_url=logo or None,
+            )
+        )
+    return overview
 
 
 __all__ = ["Candidate", "Catalog", "CatalogModel", "Price", "ProviderError", "parse_price"]

@@ -23,21 +23,15 @@ from pydantic import ValidationError
 from src.errors import (
     GatewayError,
     InvalidRequest,
-    RateLimited,
-    ServiceUnavailable,
     UpstreamError,
-    UpstreamTimeout,
 )
 from src.schemas.chat import DENIED_FIELDS, GATEWAY_FIELDS, ChatCompletionRequest
 from src.security.deps import Limited, Principal
-from src.services import credits, tokens
+from src.services import credits, routing, tokens
 from src.services.catalog import Candidate
 from src.services.credits import Cost, Hold, Usage
 from src.services.providers import (
     ProviderClient,
-    ProviderError,
-    ProviderRateLimited,
-    ProviderTimeout,
     sse_events,
 )
 from src.services.rate_limit import Admission
@@ -63,6 +57,8 @@ class Prepared:
     stream: bool
     client_request_id: str | None
     media_parts: int = 0
+    # The whole request's deadline (event-loop time), across every failover attempt.
+    deadline: float = 0.0
 
 
 @dataclass
@@ -154,6 +150,7 @@ async def prepare(
         stream=stream,
         client_request_id=client_request_id,
         media_parts=estimate.media_parts,
+        deadline=asyncio.get_running_loop().time() + state.settings.upstream_total_timeout_seconds,
     )
 
 
@@ -187,22 +184,6 @@ def _client(state: AppState, candidate: Candidate) -> ProviderClient:
 
 def _upstream_body(prepared: Prepared, candidate: Candidate) -> bytes:
     return orjson.dumps({**prepared.body, "model": candidate.upstream_id})
-
-
-def gateway_error(error: ProviderError) -> GatewayError:
-    """The client-facing error for an upstream failure: no provider hostname or key in it."""
-    if isinstance(error, ProviderRateLimited):
-        retry = max(1, round(error.retry_after)) if error.retry_after is not None else 1
-        return RateLimited(
-            "The upstream provider is rate limiting requests; retry later.",
-            code="upstream_rate_limited",
-            headers={"Retry-After": str(retry)},
-        )
-    if isinstance(error, ProviderTimeout):
-        return UpstreamTimeout(error.message)
-    if error.status_code == 400:
-        return InvalidRequest(error.message, code="upstream_bad_request")
-    return UpstreamError(error.message, code=error.code)
 
 
 def _sane_usage(usage: Any) -> tuple[int, int] | None:
@@ -282,20 +263,6 @@ async def _settle(state: AppState, principal: Principal, hold: Hold, usage: Usag
     return result.charged if result is not None else Decimal(0)
 
 
-def _no_more_candidates(errors: list[ProviderError]) -> GatewayError:
-    if errors and all(isinstance(e, ProviderRateLimited) for e in errors):
-        waits = [e.retry_after for e in errors if e.retry_after is not None]
-        smallest = min(waits) if waits else 1.0
-        return RateLimited(
-            "Every provider of this model is rate limiting requests; retry later.",
-            code="upstream_rate_limited",
-            headers={"Retry-After": str(max(1, round(smallest)))},
-        )
-    if errors:
-        return gateway_error(errors[-1])
-    return ServiceUnavailable("No provider is available for this model.", code="no_provider_available")
-
-
 @dataclass(frozen=True)
 class Completion:
     body: bytes
@@ -306,53 +273,50 @@ class Completion:
 async def complete(state: AppState, principal: Principal, prepared: Prepared, hold: Hold) -> Completion:
     """A non-streaming call: failover across candidates, settle, and the client's JSON."""
     outcome = Outcome()
-    errors: list[ProviderError] = []
     try:
-        for candidate in prepared.candidates:
-            try:
-                payload, _ = await _client(state, candidate).post_json(
-                    "/chat/completions", _upstream_body(prepared, candidate)
-                )
-            except ProviderError as error:
-                errors.append(error)
-                if error.retryable:
-                    continue
-                break
-            if not isinstance(payload.get("choices"), list) or "error" in payload:
-                errors.append(
-                    ProviderError(candidate.provider, "The upstream provider returned an invalid response.")
-                )
-                outcome.status, outcome.error_code = "upstream_error", "upstream_bad_response"
-                if _sane_usage(payload.get("usage")) is not None:
-                    # The provider reports tokens it will bill us for: charge those. Without a
-                    # report nothing was delivered, so an estimate would bill for nothing.
-                    outcome.candidate, outcome.usage = candidate, payload.get("usage")
-                raise UpstreamError(
-                    "The upstream provider returned an invalid response.", code="upstream_bad_response"
-                )
-            outcome.candidate, outcome.usage = candidate, payload.get("usage")
-            if _sane_usage(outcome.usage) is None:
-                outcome.generated = [_message_text(choice) for choice in payload["choices"]]
-            usage = usage_for(prepared, outcome)
-            charged = await _settle(state, principal, hold, usage)
-            reported = dict(payload.get("usage") or {}) if isinstance(payload.get("usage"), dict) else {}
-            reported.update(
-                prompt_tokens=usage.input_tokens,
-                completion_tokens=usage.output_tokens,
-                total_tokens=usage.input_tokens + usage.output_tokens,
-                cost=float(charged),
+
+        async def call(candidate: Candidate) -> dict[str, Any]:
+            payload, _ = await _client(state, candidate).post_json(
+                "/chat/completions", _upstream_body(prepared, candidate)
             )
-            payload["usage"] = reported
-            payload["model"] = prepared.request.model
-            payload["gateway_usage"] = gateway_usage(candidate, usage, charged)
-            return Completion(
-                body=orjson.dumps(payload),
-                headers={"X-Gateway-Provider": candidate.provider, "X-Gateway-Cost": f"{charged:f}"},
-                tokens=usage.input_tokens + usage.output_tokens,
+            return payload
+
+        try:
+            candidate, payload = await routing.first_success(
+                state.health, prepared.candidates, call, deadline=prepared.deadline
             )
-        outcome.status = "upstream_error"
-        outcome.error_code = errors[-1].code if errors else "no_provider_available"
-        raise _no_more_candidates(errors)
+        except GatewayError as error:
+            outcome.status, outcome.error_code = "upstream_error", error.code
+            raise
+        if not isinstance(payload.get("choices"), list) or "error" in payload:
+            outcome.status, outcome.error_code = "upstream_error", "upstream_bad_response"
+            if _sane_usage(payload.get("usage")) is not None:
+                # The provider reports tokens it will bill us for: charge those. Without a
+                # report nothing was delivered, so an estimate would bill for nothing.
+                outcome.candidate, outcome.usage = candidate, payload.get("usage")
+            raise UpstreamError(
+                "The upstream provider returned an invalid response.", code="upstream_bad_response"
+            )
+        outcome.candidate, outcome.usage = candidate, payload.get("usage")
+        if _sane_usage(outcome.usage) is None:
+            outcome.generated = [_message_text(choice) for choice in payload["choices"]]
+        usage = usage_for(prepared, outcome)
+        charged = await _settle(state, principal, hold, usage)
+        reported = dict(payload.get("usage") or {}) if isinstance(payload.get("usage"), dict) else {}
+        reported.update(
+            prompt_tokens=usage.input_tokens,
+            completion_tokens=usage.output_tokens,
+            total_tokens=usage.input_tokens + usage.output_tokens,
+            cost=float(charged),
+        )
+        payload["usage"] = reported
+        payload["model"] = prepared.request.model
+        payload["gateway_usage"] = gateway_usage(candidate, usage, charged)
+        return Completion(
+            body=orjson.dumps(payload),
+            headers={"X-Gateway-Provider": candidate.provider, "X-Gateway-Cost": f"{charged:f}"},
+            tokens=usage.input_tokens + usage.output_tokens,
+        )
     except BaseException:
         if outcome.status == "success":
             outcome.status, outcome.error_code = "failed", outcome.error_code or "gateway_error"
@@ -392,23 +356,22 @@ class OpenedStream:
 
 async def open_stream(state: AppState, prepared: Prepared, hold: Hold, principal: Principal) -> OpenedStream:
     """Open the upstream stream, failing over until one answers 200 (nothing has reached the client yet)."""
-    errors: list[ProviderError] = []
     outcome = Outcome()
     try:
-        for candidate in prepared.candidates:
-            try:
-                response = await _client(state, candidate).open_stream(
-                    "/chat/completions", _upstream_body(prepared, candidate)
-                )
-            except ProviderError as error:
-                errors.append(error)
-                if error.retryable:
-                    continue
-                break
-            return OpenedStream(candidate=candidate, response=response)
-        outcome.status = "upstream_error"
-        outcome.error_code = errors[-1].code if errors else "no_provider_available"
-        raise _no_more_candidates(errors)
+
+        async def call(candidate: Candidate) -> httpx.Response:
+            return await _client(state, candidate).open_stream(
+                "/chat/completions", _upstream_body(prepared, candidate)
+            )
+
+        try:
+            candidate, response = await routing.first_success(
+                state.health, prepared.candidates, call, deadline=prepared.deadline
+            )
+        except GatewayError as error:
+            outcome.status, outcome.error_code = "upstream_error", error.code
+            raise
+        return OpenedStream(candidate=candidate, response=response)
     except BaseException:
         if outcome.status == "success":
             outcome.status, outcome.error_code = "failed", "gateway_error"
@@ -440,8 +403,7 @@ async def relay_stream(
     """
     outcome = Outcome(candidate=opened.candidate)
     response = opened.response
-    timeouts = _client(state, opened.candidate).timeouts
-    deadline = asyncio.get_running_loop().time() + timeouts.total
+    deadline = prepared.deadline
     last_chunk: dict[str, Any] = {}
     settled = False
     finished = False

@@ -26,6 +26,7 @@ from src.services.catalog import Candidate, Price
 logger = logging.getLogger("gatewayz.credits")
 
 CREDIT_QUANTUM = Decimal("0.0000000001")  # NUMERIC(20, 10)
+MAX_CREDITS = Decimal("9999999999.9999999999")  # the largest NUMERIC(20, 10)
 PROMPT_MARGIN = Decimal("1.25")
 SWEEP_INTERVAL_SECONDS = 60.0
 
@@ -97,7 +98,8 @@ async def place_hold(
     """Hold `amount` against the user's available balance, or raise 402 naming both numbers."""
     hold_id = uuid.uuid4()
     async with pool.acquire() as conn:
-        placed = await holds_db.place_hold(
+        # No balance can cover more than the column holds (max_tokens x n can ask for that much).
+        placed = amount <= MAX_CREDITS and await holds_db.place_hold(
             conn,
             hold_id=hold_id,
             user_id=user_id,
