@@ -68,6 +68,12 @@ async def ready(state: State) -> Response:
     return Response(orjson.dumps(body), status_code=503, media_type="application/json")
 
 
+@router.get("/health/providers")
+async def providers(state: State) -> dict[str, Any]:
+    """Each configured provider's circuit state, recent error rate and latency (no secrets)."""
+    return {"object": "list", "data": health_service.providers_report(state)}
+
+
 @router.get("/ping")
 async def ping(conn: Conn) -> PingResult:
     """Pong, with the number of pings so far (kept in PostgreSQL)."""

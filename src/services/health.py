@@ -49,3 +49,7 @@ async def readiness(state: AppState) -> Readiness:
 
 async def ping(conn: asyncpg.Connection) -> ping_db.PingStats:
     return await ping_db.record_ping(conn)
+
+
+def providers_report(state: AppState) -> list[dict[str, object]]:
+    return [{"provider": name, **state.health.report(name)} for name in sorted(state.providers)]

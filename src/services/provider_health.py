@@ -65,6 +65,7 @@ class ProviderHealth:
         self.cooldowns: dict[tuple[str, str], float] = {}
         self.stats: dict[str, Stats] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._sending: set[asyncio.Task[None]] = set()
 
     # -- decisions (hot path: memory only) -------------------------------------------------
 
@@ -191,7 +192,10 @@ class ProviderHealth:
                 logger.warning("could not publish provider health: %s", type(exc).__name__)
 
         with contextlib.suppress(RuntimeError):
-            asyncio.get_running_loop().create_task(send())
+            task = asyncio.get_running_loop().create_task(send())
+            # The loop keeps only weak references to tasks: hold this one until it is done.
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
 
     def apply(self, message: dict[str, Any]) -> None:
         kind = message.get("kind")
