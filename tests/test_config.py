@@ -117,3 +117,10 @@ class TestDevelopmentDefault:
         values = settings.secret_values()
         assert "sk-or-v1-" + "x" * 30 in values
         assert settings.admin_api_key is not None and settings.admin_api_key.get_secret_value() in values
+
+
+def test_env_example_lists_every_setting() -> None:
+    text = (REPO_ROOT / ".env.example").read_text()
+    listed = {line.lstrip("# ").split("=", 1)[0] for line in text.splitlines() if "=" in line}
+    missing = [name.upper() for name in Settings.model_fields if name.upper() not in listed]
+    assert not missing, f".env.example does not list {missing}"
