@@ -137,6 +137,8 @@ class Settings(BaseSettings):
     metrics_token: SecretStr | None = None
     supabase_url: str | None = None
     supabase_service_key: SecretStr | None = None
+    # The Storage bucket that keeps generated images (created in the Supabase project beforehand).
+    supabase_storage_bucket: str = Field("generated-images", min_length=1, max_length=100)
 
     @field_validator("log_level")
     @classmethod

@@ -14,7 +14,21 @@ from src.config import VERSION, Settings, get_settings
 from src.errors import REQUEST_ID_HEADER, install_error_handlers
 from src.logging_config import configure_logging
 from src.middleware import RequestContextMiddleware
-from src.routes import admin, admin_pricing, api_keys, auth, catalog, chat, health, users
+from src.routes import (
+    activity,
+    admin,
+    admin_pricing,
+    api_keys,
+    auth,
+    catalog,
+    chat,
+    health,
+    history,
+    images,
+    limits,
+    responses,
+    users,
+)
 from src.schemas import openapi
 from src.state import AppState, close_state, ensure_state
 
@@ -75,8 +89,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(api_keys.router)
     app.include_router(admin.router)
     app.include_router(chat.router)
+    app.include_router(history.router)
+    app.include_router(activity.router)
+    app.include_router(responses.router)
+    app.include_router(images.router)
     app.include_router(catalog.router)
     app.include_router(admin_pricing.router)
+    app.include_router(limits.router)
     openapi.install(app)
     return app
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from src.config import Settings
 
@@ -25,6 +27,9 @@ def create_redis(settings: Settings) -> Redis | None:
         socket_timeout=1.0,
         health_check_interval=30,
         decode_responses=False,
+        # One quick retry, not the client's default series: a hanging Redis must cost a request
+        # about a second before the callers fall back, not many.
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), retries=1),
     )
 
 

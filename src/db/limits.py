@@ -11,14 +11,20 @@ LIMIT_COLUMNS = ("rpm_limit", "rpd_limit", "tpm_limit", "tpd_limit", "concurrenc
 _SELECT = ", ".join(LIMIT_COLUMNS)
 
 
-async def user_limits(conn: asyncpg.Connection, *, user_id: UUID) -> dict[str, int | None] | None:
-    row = await conn.fetchrow(f"SELECT {_SELECT} FROM users WHERE id = $1", user_id)
+async def user_limits(
+    conn: asyncpg.Connection, *, user_id: UUID, for_update: bool = False
+) -> dict[str, int | None] | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await conn.fetchrow(f"SELECT {_SELECT} FROM users WHERE id = $1{lock}", user_id)
     return dict(row) if row is not None else None
 
 
-async def key_limits(conn: asyncpg.Connection, *, key_id: UUID) -> tuple[UUID, dict[str, int | None]] | None:
+async def key_limits(
+    conn: asyncpg.Connection, *, key_id: UUID, for_update: bool = False
+) -> tuple[UUID, dict[str, int | None]] | None:
+    lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(
-        f"SELECT user_id, {_SELECT} FROM api_keys WHERE id = $1 AND revoked_at IS NULL", key_id
+        f"SELECT user_id, {_SELECT} FROM api_keys WHERE id = $1 AND revoked_at IS NULL{lock}", key_id
     )
     if row is None:
         return None

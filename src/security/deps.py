@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv6Address, ip_address
@@ -244,11 +244,11 @@ async def rate_limited(
     request: Request,
     principal: Annotated[Principal, Depends(authenticate_user)],
     state: Annotated[AppState, Depends(get_state)],
-) -> Limited:
+) -> AsyncIterator[Limited]:
     """Requests per window and the concurrency slot, per key and per user, decided together.
 
     The slot is released by whoever finishes the request (the inference service, or the
-    `finish_now` variant below); a slot that is never released expires with its lease.
+    `rate_limited_quick` variant below); a slot that is never released expires with its lease.
     """
     assert principal.record is not None and principal.user_id is not None
     record = principal.record
@@ -262,11 +262,23 @@ async def rate_limited(
     )
     admission = await state.limiter.admit(subjects)
     request.state.rate_limit_headers = admission.headers
-    return Limited(principal=principal, admission=admission)
+    try:
+        yield Limited(principal=principal, admission=admission)
+    except BaseException:
+        # The route failed before it handed the slot on (a body too large, a client gone while
+        # the body was read): free it now, not when its lease expires. Once the route has
+        # returned, a stream owns the slot; the "function" scope below keeps this block out of
+        # the response's own failures. Idempotent where the route already freed it.
+        await state.limiter.finish(admission, actual_tokens=0)
+        raise
+
+
+# Exits when the route returns, before the response is sent (see the comment in rate_limited).
+_Admitted = Depends(rate_limited, scope="function")
 
 
 async def rate_limited_quick(
-    limited: Annotated[Limited, Depends(rate_limited)], state: Annotated[AppState, Depends(get_state)]
+    limited: Annotated[Limited, _Admitted], state: Annotated[AppState, Depends(get_state)]
 ) -> Principal:
     """For /v1 routes that do no upstream work: counted, then the slot is freed at once."""
     await state.limiter.finish(limited.admission)
@@ -291,5 +303,5 @@ async def public_ip_limit(request: Request, state: Annotated[AppState, Depends(g
     await state.limiter.finish(admission)
 
 
-RateLimitedUser = Annotated[Limited, Depends(rate_limited)]
+RateLimitedUser = Annotated[Limited, _Admitted]
 LimitedPrincipal = Annotated[Principal, Depends(rate_limited_quick)]

@@ -43,6 +43,9 @@ class Price:
     completion: Decimal
     image: Decimal = ZERO
     request: Decimal = ZERO
+    # Set only by an admin's "free" price: a zero price from a provider (an image model that
+    # publishes no per-image price, say) is not a promise that the request costs nothing.
+    free: bool = False
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def effective_price(
     """Admin price for this provider, else for every provider, else the provider's own; None: unpriced."""
     override = applicable_override(row, overrides)
     if override is not None and override.is_free:
-        return Price(prompt=ZERO, completion=ZERO)
+        return Price(prompt=ZERO, completion=ZERO, free=True)
     if override is not None and override.prompt_price is not None and override.completion_price is not None:
         prompt, completion = override.prompt_price, override.completion_price
         image, request = override.image_price or ZERO, override.request_price or ZERO

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import httpx
 import orjson
@@ -28,6 +29,7 @@ from src.errors import (
 from src.schemas.chat import DENIED_FIELDS, GATEWAY_FIELDS, ChatCompletionRequest
 from src.security.deps import Limited, Principal
 from src.services import credits, routing, tokens
+from src.services import history as history_service
 from src.services.catalog import Candidate
 from src.services.credits import Cost, Hold, Usage
 from src.services.providers import (
@@ -59,6 +61,8 @@ class Prepared:
     media_parts: int = 0
     # The whole request's deadline (event-loop time), across every failover attempt.
     deadline: float = 0.0
+    # The chat session whose history was injected, and the turns to save with the settlement.
+    session: history_service.Pending | None = None
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Outcome:
     started: float = field(default_factory=time.perf_counter)
     # Tokens billed (input + output), for the token-limit correction once the request ends.
     tokens: int = 0
+    # The first choice's text, kept only for a chat session's history.
+    reply: list[str] = field(default_factory=list)
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
@@ -110,7 +116,13 @@ def output_allowance(state: AppState, request: ChatCompletionRequest, candidates
 
 
 async def prepare(
-    state: AppState, raw: bytes, *, client_request_id: str | None, history: list[dict[str, Any]] | None = None
+    state: AppState,
+    raw: bytes,
+    *,
+    client_request_id: str | None,
+    history: list[dict[str, Any]] | None = None,
+    user_id: UUID | None = None,
+    session_id: str | None = None,
 ) -> Prepared:
     body, request = parse_body(raw)
     candidates = await state.catalog.resolve(request.model, provider=request.pinned_provider)
@@ -119,9 +131,24 @@ async def prepare(
             c for c in await state.catalog.resolve(request.model) if c.provider != request.pinned_provider
         ]
         candidates = candidates + others
+    allowance = output_allowance(state, request, candidates) * (request.n or 1)
+    session = None
+    wanted = _session_id(request.session_id, session_id)
+    if wanted is not None and user_id is not None and history is None:
+        # Before the hold: another user's (or an unknown) session is a 404 that costs nothing.
+        session, stored = await history_service.load(
+            state.pool, user_id=user_id, session_id=wanted, messages=body["messages"]
+        )
+        windows = [c.context_length for c in candidates if c.context_length]
+        history = history_service.fit(
+            stored,
+            body["messages"],
+            tools=body.get("tools"),
+            context_length=min(windows) if windows else None,
+            output_allowance=allowance,
+        )
     messages = (history or []) + body["messages"]
     estimate = tokens.estimate_prompt(messages, tools=body.get("tools"))
-    allowance = output_allowance(state, request, candidates) * (request.n or 1)
     hold_amount = credits.worst_case(
         candidates,
         prompt_tokens=estimate.text_tokens,
@@ -151,7 +178,16 @@ async def prepare(
         client_request_id=client_request_id,
         media_parts=estimate.media_parts,
         deadline=asyncio.get_running_loop().time() + state.settings.upstream_total_timeout_seconds,
+        session=session,
     )
+
+
+def _session_id(in_body: str | None, in_query: str | None) -> str | None:
+    if in_body is not None and in_query is not None and in_body != in_query:
+        raise InvalidRequest(
+            "The body and the query name different sessions.", param="session_id", code="invalid_value"
+        )
+    return in_body if in_body is not None else in_query
 
 
 @dataclass(frozen=True)
@@ -258,8 +294,19 @@ def gateway_usage(candidate: Candidate, usage: Usage, charged: Decimal) -> dict[
     }
 
 
-async def _settle(state: AppState, principal: Principal, hold: Hold, usage: Usage) -> Decimal:
-    result = await credits.settle(state.pool, hold, usage, actor=principal.actor)
+async def _settle(
+    state: AppState,
+    principal: Principal,
+    hold: Hold,
+    usage: Usage,
+    *,
+    prepared: Prepared | None = None,
+    reply: str | None = None,
+) -> Decimal:
+    turn = None
+    if prepared is not None and prepared.session is not None and reply is not None:
+        turn = history_service.exchange(prepared.session, usage, reply=reply, model=prepared.request.model)
+    result = await credits.settle(state.pool, hold, usage, actor=principal.actor, history=turn)
     return result.charged if result is not None else Decimal(0)
 
 
@@ -301,7 +348,9 @@ async def complete(state: AppState, principal: Principal, prepared: Prepared, ho
         if _sane_usage(outcome.usage) is None:
             outcome.generated = [_message_text(choice) for choice in payload["choices"]]
         usage = usage_for(prepared, outcome)
-        charged = await _settle(state, principal, hold, usage)
+        charged = await _settle(
+            state, principal, hold, usage, prepared=prepared, reply=_reply_text(payload["choices"])
+        )
         reported = dict(payload.get("usage") or {}) if isinstance(payload.get("usage"), dict) else {}
         reported.update(
             prompt_tokens=usage.input_tokens,
@@ -330,10 +379,27 @@ async def _settle_after_failure(
     try:
         usage = usage_for(prepared, outcome)
         outcome.tokens = usage.input_tokens + usage.output_tokens
-        await _settle(state, principal, hold, usage)
+        # A stream the client left part-way is a turn too: what it received is kept.
+        partial = outcome.status == "client_disconnect" and bool(outcome.reply)
+        await _settle(
+            state,
+            principal,
+            hold,
+            usage,
+            prepared=prepared,
+            reply="".join(outcome.reply) if partial else None,
+        )
     except Exception:
         # The sweeper releases the hold after the maximum request time; nothing is lost.
         logger.exception("settlement failed for hold %s", hold.id)
+
+
+def _reply_text(choices: list[Any]) -> str:
+    """The first choice's message text, as a chat session keeps it."""
+    first = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = first.get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    return content if isinstance(content, str) else ""
 
 
 def _message_text(choice: Any) -> str:
@@ -395,7 +461,7 @@ async def relay_stream(
     hold: Hold,
     opened: OpenedStream,
     admission: Admission,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Forward the upstream's chunks as they arrive, then a usage chunk with the cost, then [DONE].
 
     Settlement runs in a task of its own when the client goes away, so the cancellation that ends
@@ -437,6 +503,8 @@ async def relay_stream(
                 continue
             last_chunk = chunk
             _collect_text(choices, outcome.generated)
+            if prepared.session is not None:
+                _collect_reply(choices, outcome.reply)
             yield _sse(payload)
         if not finished and outcome.status == "success":
             outcome.status, outcome.error_code = "stream_error", "upstream_stream_truncated"
@@ -449,7 +517,9 @@ async def relay_stream(
             return
         usage = usage_for(prepared, outcome)
         outcome.tokens = usage.input_tokens + usage.output_tokens
-        charged = await _settle(state, principal, hold, usage)
+        charged = await _settle(
+            state, principal, hold, usage, prepared=prepared, reply="".join(outcome.reply)
+        )
         settled = True
         yield _sse(_usage_chunk(prepared, opened.candidate, last_chunk, usage, charged))
         yield _sse(DONE)
@@ -495,6 +565,17 @@ async def _settle_stream(
     await asyncio.shield(_settle_after_failure(state, principal, hold, prepared, outcome))
 
 
+def _collect_reply(choices: Any, into: list[str]) -> None:
+    if not isinstance(choices, list):
+        return
+    for choice in choices:
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, dict) else None
+            if isinstance(content, str):
+                into.append(content)
+
+
 def _collect_text(choices: Any, into: list[str]) -> None:
     if not isinstance(choices, list):
         return
@@ -536,10 +617,19 @@ def _usage_chunk(
 class StreamStart:
     provider: str
     chunks: AsyncIterator[bytes]
+    # Called when the response ends; if the stream never started (the client left before the
+    # first byte was sent), it settles the request and frees its slot, which the stream would do.
+    abandon: Callable[[], None] = lambda: None
 
 
 async def create(
-    state: AppState, limited: Limited, raw: bytes, *, client_request_id: str | None
+    state: AppState,
+    limited: Limited,
+    raw: bytes,
+    *,
+    client_request_id: str | None,
+    session_id: str | None = None,
+    request_type: str = "chat",
 ) -> Completion | StreamStart:
     """The whole pipeline for one request: validate, resolve, tokens limit, hold, call, settle.
 
@@ -551,7 +641,9 @@ async def create(
     limiter = state.limiter
     assert principal.user_id is not None
     try:
-        prepared = await prepare(state, raw, client_request_id=client_request_id)
+        prepared = await prepare(
+            state, raw, client_request_id=client_request_id, user_id=principal.user_id, session_id=session_id
+        )
         await limiter.reserve_tokens(admission, prepared.prompt_tokens + prepared.output_allowance)
         hold = await credits.place_hold(
             state.pool,
@@ -559,7 +651,7 @@ async def create(
             api_key_id=principal.key_id,
             amount=prepared.hold_amount,
             model=prepared.request.model,
-            request_type="chat",
+            request_type=request_type,  # what the usage record says: "chat", "responses", ...
             ttl_seconds=state.settings.upstream_total_timeout_seconds + HOLD_MARGIN_SECONDS,
         )
         if not prepared.stream:
@@ -571,10 +663,26 @@ async def create(
         # Refused or failed before anything was generated: the slot is free, no tokens were used.
         await asyncio.shield(limiter.finish(admission, actual_tokens=0))
         raise
-    return StreamStart(
-        provider=opened.candidate.provider,
-        chunks=relay_stream(state, principal, prepared, hold, opened, admission),
-    )
+    started: list[bool] = []
+
+    async def chunks() -> AsyncIterator[bytes]:
+        started.append(True)
+        relay = relay_stream(state, principal, prepared, hold, opened, admission)
+        try:
+            async for chunk in relay:
+                yield chunk
+        finally:
+            # Its cleanup only spawns tasks (no await), so it completes even while cancelled.
+            await relay.aclose()
+
+    def abandon() -> None:
+        if not started:
+            started.append(True)
+            outcome = Outcome(candidate=opened.candidate, status="client_disconnect")
+            state.spawn(_end_stream(state, principal, hold, prepared, outcome, admission, settle=True))
+            state.spawn(opened.response.aclose())
+
+    return StreamStart(provider=opened.candidate.provider, chunks=chunks(), abandon=abandon)
 
 
 __all__ = ["Completion", "Cost", "StreamStart", "create"]

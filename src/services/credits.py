@@ -18,7 +18,9 @@ from uuid import UUID
 
 import asyncpg
 
+from src.db import history as history_db
 from src.db import holds as holds_db
+from src.db.history import Exchange
 from src.db.holds import Settlement
 from src.errors import InsufficientCredits
 from src.services.catalog import Candidate, Price
@@ -131,30 +133,60 @@ class Usage:
     client_request_id: str | None = None
 
 
-async def settle(pool: asyncpg.Pool, hold: Hold, usage: Usage, *, actor: str) -> Settlement | None:
-    """Charge the real cost and release the hold in one statement; safe to call once per hold."""
+async def settle(
+    pool: asyncpg.Pool, hold: Hold, usage: Usage, *, actor: str, history: Exchange | None = None
+) -> Settlement | None:
+    """Charge the real cost and release the hold in one statement; safe to call once per hold.
+
+    With `history`, the chat turns are appended in the same transaction, under a savepoint: a
+    turn that cannot be saved is logged and dropped, never a reason to lose the settlement.
+    """
     async with pool.acquire() as conn:
-        result = await holds_db.settle(
-            conn,
-            hold_id=hold.id,
-            cost=usage.cost.total,
-            provider=usage.provider,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            input_cost=usage.cost.input_cost,
-            output_cost=usage.cost.output_cost,
-            estimated=usage.estimated,
-            status=usage.status,
-            error_code=usage.error_code,
-            latency_ms=usage.latency_ms,
-            client_request_id=usage.client_request_id,
-            actor=actor,
-        )
+        if history is None:
+            result = await _settle(conn, hold, usage, actor=actor)
+        else:
+            async with conn.transaction():
+                result = await _settle(conn, hold, usage, actor=actor)
+                if result is not None:
+                    await _save_history(conn, hold, history)
     if result is not None and result.shortfall > 0:
         logger.warning(
             "billing shortfall of %s on request %s (cost above the hold)", result.shortfall, hold.id
         )
     return result
+
+
+async def _settle(conn: asyncpg.Connection, hold: Hold, usage: Usage, *, actor: str) -> Settlement | None:
+    return await holds_db.settle(
+        conn,
+        hold_id=hold.id,
+        cost=usage.cost.total,
+        provider=usage.provider,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        input_cost=usage.cost.input_cost,
+        output_cost=usage.cost.output_cost,
+        estimated=usage.estimated,
+        status=usage.status,
+        error_code=usage.error_code,
+        latency_ms=usage.latency_ms,
+        client_request_id=usage.client_request_id,
+        actor=actor,
+    )
+
+
+async def _save_history(conn: asyncpg.Connection, hold: Hold, history: Exchange) -> None:
+    try:
+        async with conn.transaction():
+            await history_db.append_messages(
+                conn,
+                user_id=history.user_id,
+                session_id=history.session_id,
+                messages=history.messages,
+                request_id=hold.id,
+            )
+    except asyncpg.PostgresError as exc:
+        logger.error("chat turn of request %s not saved: %s", hold.id, type(exc).__name__)
 
 
 NO_COST = Cost(input_cost=Decimal(0), output_cost=Decimal(0), total=Decimal(0))

@@ -3,18 +3,26 @@
 The effective limit of a request is the minimum of the key's own limit and its owner's ceiling.
 The ceiling is the admin-set ceiling of that user where there is one (it may be above the plan),
 else the plan's limits (the settings defaults until plans exist). A user may set a key's limits
-only at or below the ceiling.
+only at or below the ceiling; an admin may set either (audited), and the change applies to the
+user's keys at once (their cached records are dropped).
 """
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import asyncpg
 
 from src.config import Settings
 from src.db import limits as limits_db
+from src.errors import NotFound
+
+if TYPE_CHECKING:
+    from src.security.deps import Principal, RequestMeta
+    from src.state import AppState
 
 LIMIT_NAMES = limits_db.LIMIT_COLUMNS
 
@@ -60,3 +68,163 @@ def effective_key_limits(own: dict[str, int | None], ceiling: Limits) -> Limits:
         return cap if value is None else min(value, cap)
 
     return Limits(**{name: pick(name) for name in LIMIT_NAMES})
+
+
+@dataclass(frozen=True)
+class SubjectLimits:
+    """One rate-limit subject (a key or an account): its limits and what it uses of them now."""
+
+    limits: Limits
+    usage: dict[str, int]
+
+
+@dataclass(frozen=True)
+class CallerLimits:
+    key_id: UUID
+    key_own: dict[str, int | None]
+    key: SubjectLimits
+    account: SubjectLimits
+
+
+@dataclass(frozen=True)
+class UserCeiling:
+    user_id: UUID
+    admin_set: dict[str, int | None]
+    ceiling: Limits
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    key_id: UUID
+    user_id: UUID
+    own: dict[str, int | None]
+    effective: Limits
+    ceiling: Limits
+
+
+def _user_not_found() -> NotFound:
+    return NotFound("No such user.", param="user_id", code="user_not_found")
+
+
+def _key_not_found() -> NotFound:
+    return NotFound("No such API key.", param="key_id", code="api_key_not_found")
+
+
+async def caller_limits(
+    conn: asyncpg.Connection, state: AppState, *, user_id: UUID, key_id: UUID
+) -> CallerLimits:
+    """The calling key's effective limits, its owner's ceiling, and the limiter's counts for both."""
+    # Imported here: the limiter's module imports this one for `Limits`.
+    from src.services.rate_limit import Subject
+
+    found = await limits_db.key_limits(conn, key_id=key_id)
+    admin_set = await limits_db.user_limits(conn, user_id=user_id)
+    if found is None or admin_set is None:  # revoked or deleted since it authenticated
+        raise _key_not_found()
+    own = found[1]
+    account = ceiling(state.settings, admin_set)
+    key = effective_key_limits(own, account)
+    key_usage, account_usage = await asyncio.gather(
+        state.limiter.usage(Subject(kind="k", id=str(key_id), limits=key)),
+        state.limiter.usage(Subject(kind="u", id=str(user_id), limits=account)),
+    )
+    return CallerLimits(
+        key_id=key_id,
+        key_own=own,
+        key=SubjectLimits(limits=key, usage=key_usage),
+        account=SubjectLimits(limits=account, usage=account_usage),
+    )
+
+
+async def get_user_ceiling(conn: asyncpg.Connection, settings: Settings, *, user_id: UUID) -> UserCeiling:
+    admin_set = await limits_db.user_limits(conn, user_id=user_id)
+    if admin_set is None:
+        raise _user_not_found()
+    return UserCeiling(user_id=user_id, admin_set=admin_set, ceiling=ceiling(settings, admin_set))
+
+
+async def set_user_ceiling(
+    conn: asyncpg.Connection,
+    state: AppState,
+    *,
+    user_id: UUID,
+    changes: dict[str, int | None],
+    actor: Principal,
+    meta: RequestMeta,
+) -> UserCeiling:
+    """Set (or, with None, clear) admin ceilings of a user, audited; applies to their keys at once."""
+    from src.services import audit  # audit -> security.deps -> the limiter -> this module
+
+    async with conn.transaction():
+        before = await limits_db.user_limits(conn, user_id=user_id, for_update=True)
+        if before is None:
+            raise _user_not_found()
+        after = {**before, **changes}
+        if after != before:
+            await limits_db.set_user_limits(conn, user_id=user_id, limits=changes)
+            await audit.record(
+                conn,
+                action="limits.user_update",
+                actor=actor,
+                meta=meta,
+                user_id=user_id,
+                subject_type="user",
+                subject_id=user_id,
+                before=before,
+                after=after,
+            )
+    # Cached keys carry their owner's ceiling: drop them so the next request reads the new one.
+    await state.auth_cache.invalidate(state.redis, user_id=user_id)
+    return UserCeiling(user_id=user_id, admin_set=after, ceiling=ceiling(state.settings, after))
+
+
+async def _key_view(
+    conn: asyncpg.Connection, settings: Settings, key_id: UUID, user_id: UUID, own: dict[str, int | None]
+) -> KeyLimits:
+    cap = ceiling(settings, await limits_db.user_limits(conn, user_id=user_id))
+    return KeyLimits(
+        key_id=key_id, user_id=user_id, own=own, effective=effective_key_limits(own, cap), ceiling=cap
+    )
+
+
+async def get_key_limits(conn: asyncpg.Connection, settings: Settings, *, key_id: UUID) -> KeyLimits:
+    found = await limits_db.key_limits(conn, key_id=key_id)
+    if found is None:
+        raise _key_not_found()
+    return await _key_view(conn, settings, key_id, *found)
+
+
+async def set_key_limits(
+    conn: asyncpg.Connection,
+    state: AppState,
+    *,
+    key_id: UUID,
+    changes: dict[str, int | None],
+    actor: Principal,
+    meta: RequestMeta,
+) -> KeyLimits:
+    """Set (or clear) a key's own limits as an admin, audited; the owner's ceiling still caps them."""
+    from src.services import audit  # see set_user_ceiling
+
+    async with conn.transaction():
+        found = await limits_db.key_limits(conn, key_id=key_id, for_update=True)
+        if found is None:
+            raise _key_not_found()
+        user_id, before = found
+        after: dict[str, Any] = {**before, **changes}
+        if after != before:
+            await limits_db.set_key_limits(conn, key_id=key_id, limits=changes)
+            await audit.record(
+                conn,
+                action="limits.key_update",
+                actor=actor,
+                meta=meta,
+                user_id=user_id,
+                subject_type="api_key",
+                subject_id=key_id,
+                before=before,
+                after=after,
+            )
+        view = await _key_view(conn, state.settings, key_id, user_id, after)
+    await state.auth_cache.invalidate(state.redis, user_id=user_id)
+    return view

@@ -269,7 +269,9 @@ class RateLimiter:
                 self.divisor,
             )
         self.redis_healthy = False
-        self.redis_down_until = now + self.redis_retry_seconds
+        # From when the failure was seen, not when the call began: a call that timed out (after
+        # the client's own retries) may have taken longer than the whole retry interval.
+        self.redis_down_until = max(now, self.clock()) + self.redis_retry_seconds
 
     def _redis_ok(self) -> None:
         if not self.redis_healthy and self.redis is not None:

@@ -194,9 +194,11 @@ class TestSdkCompletion:
         self, live_gateway: LiveServer, gateway_settings: Settings, upstream: FakeUpstream
     ) -> None:
         user = await create_user_for(gateway_settings, credits="5")
+        async with httpx.AsyncClient(base_url=live_gateway.url, headers=user.headers) as http:
+            session = (await http.post("/v1/chat/sessions", json={})).json()
         extra = {
             "provider": "fake",
-            "session_id": "sess-1",
+            "session_id": session["id"],
             "allow_fallbacks": False,
             "foo_bar": {"nested": [1, "two"]},
         }
