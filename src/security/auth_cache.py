@@ -7,8 +7,6 @@ every other instance drops them too; without Redis the TTL is the bound.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -20,6 +18,7 @@ from redis.asyncio import Redis
 
 from src.cache import Clock, TTLCache
 from src.db.api_keys import AuthRecord
+from src.redis_config import Subscriber
 
 logger = logging.getLogger("gatewayz.auth")
 
@@ -33,7 +32,8 @@ class AuthCache:
         self.records: TTLCache[bytes, AuthRecord] = TTLCache(ttl=ttl, max_size=max_size, clock=clock)
         self.clock = clock
         self._touched: OrderedDict[UUID, float] = OrderedDict()
-        self._listener: asyncio.Task[None] | None = None
+        # Messages may have been missed while disconnected: start again from an empty cache.
+        self._subscriber = Subscriber(CHANNEL, self._apply, on_subscribed=self.clear)
         # Bumped by every invalidation. A lookup that read the database before an invalidation
         # landed must not cache what it read: it may be the row as it was before the change.
         self.generation = 0
@@ -90,33 +90,10 @@ class AuthCache:
         return True
 
     def start_listener(self, redis: Redis) -> None:
-        self._listener = asyncio.get_running_loop().create_task(self._listen(redis))
+        self._subscriber.start(redis)
 
     async def stop_listener(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
-
-    async def _listen(self, redis: Redis) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    # Messages may have been missed while disconnected: start from an empty cache.
-                    self.clear()
-                    backoff = 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._apply(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("key invalidation listener lost Redis: %s", type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        await self._subscriber.stop()
 
     def _apply(self, data: bytes) -> None:
         try:

@@ -14,12 +14,12 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 import httpx
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from src.errors import (
     GatewayError,
@@ -40,6 +40,8 @@ from src.services.rate_limit import Admission
 from src.state import AppState
 
 logger = logging.getLogger("gatewayz.chat")
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 DONE = b"[DONE]"
 # A hold outlives its request's deadline by this much before the sweeper may release it.
@@ -81,8 +83,11 @@ class Outcome:
     reply: list[str] = field(default_factory=list)
 
 
-def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
-    """The client's JSON and its validated view; 400 with `param` for anything invalid."""
+def parse_json_request(raw: bytes, model: type[RequestT]) -> tuple[dict[str, Any], RequestT]:
+    """The client's JSON and its validated view as `model`; 400 with `param` for anything invalid.
+
+    Fields that could redirect or re-authenticate the upstream call are refused by name.
+    """
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -95,7 +100,7 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
                 f"'{name}' cannot be set on a gateway request.", param=name, code="field_not_allowed"
             )
     try:
-        request = ChatCompletionRequest.model_validate(body)
+        request = model.model_validate(body)
     except ValidationError as exc:
         error = exc.errors()[0]
         param = ".".join(str(part) for part in error["loc"]) or None
@@ -105,6 +110,11 @@ def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
             code="invalid_value",
         ) from exc
     return body, request
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any], ChatCompletionRequest]:
+    """A chat completion request: the client's JSON and its validated view."""
+    return parse_json_request(raw, ChatCompletionRequest)
 
 
 def output_allowance(state: AppState, request: ChatCompletionRequest, candidates: list[Candidate]) -> int:

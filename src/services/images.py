@@ -32,12 +32,12 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
 
-from src.errors import GatewayError, InvalidRequest, ModelNotPriced, UpstreamError
-from src.schemas.chat import DENIED_FIELDS, GATEWAY_FIELDS
+from src.errors import GatewayError, ModelNotPriced, UpstreamError
+from src.schemas.chat import GATEWAY_FIELDS
 from src.schemas.images import ImageGenerationRequest
 from src.security.deps import Limited, Principal
+from src.services import chat as chat_service
 from src.services import credits, routing, storage
 from src.services.catalog import Candidate
 from src.services.credits import Hold, Usage
@@ -82,29 +82,8 @@ class Generated:
 
 
 def parse_body(raw: bytes) -> tuple[dict[str, Any], ImageGenerationRequest]:
-    """The client's JSON and its validated view; 400 with `param` for anything invalid."""
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest("The request body is not valid JSON.", code="invalid_json") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("The request body must be a JSON object.", code="invalid_body")
-    for name in body:
-        if name in DENIED_FIELDS:
-            raise InvalidRequest(
-                f"'{name}' cannot be set on a gateway request.", param=name, code="field_not_allowed"
-            )
-    try:
-        request = ImageGenerationRequest.model_validate(body)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        param = ".".join(str(part) for part in error["loc"]) or None
-        raise InvalidRequest(
-            f"Invalid value for '{param}': {error['msg']}." if param else str(error["msg"]),
-            param=param,
-            code="invalid_value",
-        ) from exc
-    return body, request
+    """An image generation request: the client's JSON and its validated view."""
+    return chat_service.parse_json_request(raw, ImageGenerationRequest)
 
 
 def _serves_images(candidate: Candidate) -> bool:

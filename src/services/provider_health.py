@@ -23,6 +23,7 @@ import orjson
 from redis.asyncio import Redis
 
 from src.cache import Clock
+from src.redis_config import Subscriber
 
 logger = logging.getLogger("gatewayz.providers.health")
 
@@ -64,7 +65,7 @@ class ProviderHealth:
         self.breakers: dict[str, Breaker] = {}
         self.cooldowns: dict[tuple[str, str], float] = {}
         self.stats: dict[str, Stats] = {}
-        self._listener: asyncio.Task[None] | None = None
+        self._subscriber = Subscriber(CHANNEL, self._apply_raw)
         self._sending: set[asyncio.Task[None]] = set()
 
     # -- decisions (hot path: memory only) -------------------------------------------------
@@ -212,30 +213,12 @@ class ProviderHealth:
             else:
                 breaker.state, breaker.failures, breaker.probing = CLOSED, 0, False
 
+    def _apply_raw(self, data: bytes) -> None:
+        with contextlib.suppress(ValueError, TypeError):
+            self.apply(orjson.loads(data))
+
     def start_listener(self, redis: Redis) -> None:
-        self._listener = asyncio.get_running_loop().create_task(self._listen(redis))
+        self._subscriber.start(redis)
 
     async def stop_listener(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
-            self._listener = None
-
-    async def _listen(self, redis: Redis) -> None:
-        backoff = 0.5
-        while True:
-            try:
-                async with redis.pubsub() as pubsub:
-                    await pubsub.subscribe(CHANNEL)
-                    backoff = 0.5
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            with contextlib.suppress(ValueError, TypeError):
-                                self.apply(orjson.loads(message["data"]))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                logger.warning("provider health listener lost Redis: %s", type(exc).__name__)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 10.0)
+        await self._subscriber.stop()
