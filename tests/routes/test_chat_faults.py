@@ -437,7 +437,8 @@ class TestStreamFaults:
         assert response.status_code == 200
         error = assert_error_event(text)
         assert error["code"] == "upstream_timeout"
-        assert elapsed < 1.0 + 1.0  # the deadline (plus set-up), not the 12 s the upstream would take
+        # The deadline (plus set-up on a loaded machine), not the 12 s the upstream would take.
+        assert elapsed < 1.0 + 3.0
         assert any(name is None for name, _ in sse_events(text))  # some content arrived first
         record = await assert_bounded_charge(db, user)
         assert record["estimated"] is True

@@ -460,7 +460,7 @@ class TestSdkStreaming:
             return len(await usage_records(db, user.id)) == 1
 
         await eventually(settled)
-        assert await upstream.wait_until_async(lambda: upstream.in_flight == 0, timeout=1.0)
+        assert await upstream.wait_until_async(lambda: upstream.in_flight == 0, timeout=3.0)
         [record] = await usage_records(db, user.id)
         assert record["request_type"] == "responses" and record["status"] == "client_disconnect"
         assert 0 < record["output_tokens"] < 20
