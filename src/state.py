@@ -14,6 +14,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import asyncpg
 import httpx
 from fastapi import FastAPI, Request
@@ -44,6 +45,8 @@ class AppState:
     pool: asyncpg.Pool
     redis: Redis | None
     http: httpx.AsyncClient
+    # The upstream providers' pooled client (aiohttp: far cheaper per call than httpx).
+    upstream_http: aiohttp.ClientSession
     database_url: str
     auth_cache: AuthCache
     auth_failures: AuthFailureCounter
@@ -84,7 +87,14 @@ async def open_state(settings: Settings) -> AppState:
         first_byte=settings.upstream_first_byte_timeout_seconds,
         total=settings.upstream_total_timeout_seconds,
     )
-    providers = {name: ProviderClient(p, http, timeouts) for name, p in build_profiles(settings).items()}
+    upstream_http = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30),
+        auto_decompress=True,
+        raise_for_status=False,
+    )
+    providers = {
+        name: ProviderClient(p, upstream_http, timeouts) for name, p in build_profiles(settings).items()
+    }
     catalog = Catalog(pool=pool, redis=redis, clients=providers, markup=settings.pricing_markup)
     processes = settings.web_concurrency * settings.rate_limit_instances
     if redis is None and processes > 1:
@@ -112,6 +122,7 @@ async def open_state(settings: Settings) -> AppState:
         pool=pool,
         redis=redis,
         http=http,
+        upstream_http=upstream_http,
         database_url=database_url,
         auth_cache=auth_cache,
         auth_failures=AuthFailureCounter(),
@@ -147,6 +158,7 @@ async def close_state(state: AppState) -> None:
     await state.auth_cache.stop_listener()
     await state.health.stop_listener()
     await state.http.aclose()
+    await state.upstream_http.close()
     if state.redis is not None:
         await state.redis.aclose()
     await state.pool.close()

@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any, TypeVar
 from uuid import UUID
 
-import httpx
+import aiohttp
 import orjson
 from pydantic import BaseModel, ValidationError
 
@@ -34,6 +34,7 @@ from src.services.catalog import Candidate
 from src.services.credits import Cost, Hold, Usage
 from src.services.providers import (
     ProviderClient,
+    UpstreamStream,
     sse_events,
 )
 from src.services.rate_limit import Admission
@@ -427,7 +428,7 @@ def _message_text(choice: Any) -> str:
 @dataclass
 class OpenedStream:
     candidate: Candidate
-    response: httpx.Response
+    response: UpstreamStream
 
 
 async def open_stream(state: AppState, prepared: Prepared, hold: Hold, principal: Principal) -> OpenedStream:
@@ -435,7 +436,7 @@ async def open_stream(state: AppState, prepared: Prepared, hold: Hold, principal
     outcome = Outcome()
     try:
 
-        async def call(candidate: Candidate) -> httpx.Response:
+        async def call(candidate: Candidate) -> UpstreamStream:
             return await _client(state, candidate).open_stream(
                 "/chat/completions", _upstream_body(prepared, candidate)
             )
@@ -533,13 +534,13 @@ async def relay_stream(
         settled = True
         yield _sse(_usage_chunk(prepared, opened.candidate, last_chunk, usage, charged))
         yield _sse(DONE)
-    except (TimeoutError, httpx.TimeoutException):
+    except TimeoutError:
         outcome.status, outcome.error_code = "stream_error", "upstream_timeout"
         if not settled:
             await _settle_stream(state, principal, hold, prepared, outcome)
             settled = True
         yield _error_event("The upstream provider timed out while streaming.", "upstream_timeout")
-    except httpx.HTTPError:
+    except aiohttp.ClientError:
         outcome.status, outcome.error_code = "stream_error", "upstream_stream_truncated"
         if not settled:
             await _settle_stream(state, principal, hold, prepared, outcome)

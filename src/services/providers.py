@@ -19,11 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-import httpx
+import aiohttp
 import orjson
 
 from src.config import Settings
@@ -162,10 +162,18 @@ def build_profiles(settings: Settings) -> dict[str, ProviderProfile]:
     return profiles
 
 
+class _StatusAndHeaders(Protocol):
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+
 PROVIDER_CATALOG = ("openrouter", "portkey", "featherless", "chutes")
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: _StatusAndHeaders) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
         return None
@@ -189,7 +197,7 @@ def _upstream_message(body: bytes) -> str | None:
     return _SECRETISH.sub("[redacted]", message)[:500]
 
 
-def error_for_status(provider: str, response: httpx.Response, body: bytes) -> ProviderError:
+def error_for_status(provider: str, response: _StatusAndHeaders, body: bytes) -> ProviderError:
     status = response.status_code
     if status == 429:
         return ProviderRateLimited(
@@ -225,10 +233,40 @@ def parse_json_body(provider: str, body: bytes, content_type: str) -> dict[str, 
     return payload
 
 
-class ProviderClient:
-    """Calls one provider over the shared, pooled HTTP client."""
+class UpstreamStream:
+    """An upstream streaming response: its bytes as they arrive, and a close that frees the connection."""
 
-    def __init__(self, profile: ProviderProfile, http: httpx.AsyncClient, timeouts: Timeouts) -> None:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self.response = response
+
+    def aiter_bytes(self) -> AsyncIterator[bytes]:
+        return self.response.content.iter_any()
+
+    async def aclose(self) -> None:
+        if self.response.content.at_eof():
+            self.response.release()  # fully read: the connection goes back to the pool
+        else:
+            self.response.close()  # cut short: drop the connection, so the upstream stops at once
+
+
+def _headers_of(response: aiohttp.ClientResponse) -> _Reply:
+    return _Reply(status_code=response.status, headers={k.lower(): v for k, v in response.headers.items()})
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status_code: int
+    headers: dict[str, str]
+
+
+class ProviderClient:
+    """Calls one provider over the shared, pooled aiohttp session.
+
+    aiohttp rather than httpx on this path: per upstream call it costs a fraction of the CPU
+    (httpcore scans its whole pool on every request), which is most of what a gateway adds.
+    """
+
+    def __init__(self, profile: ProviderProfile, http: aiohttp.ClientSession, timeouts: Timeouts) -> None:
         self.profile = profile
         self.http = http
         self.timeouts = timeouts
@@ -238,24 +276,27 @@ class ProviderClient:
     def name(self) -> str:
         return self.profile.name
 
-    def _timeout(self) -> httpx.Timeout:
-        # httpx's read timeout is per read; the whole-response deadline is enforced by the caller.
-        return httpx.Timeout(
-            connect=self.timeouts.connect, read=self.timeouts.first_byte, write=30.0, pool=5.0
-        )
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        # sock_read bounds the wait for each read; the whole-response deadline is the caller's.
+        return aiohttp.ClientTimeout(sock_connect=self.timeouts.connect, sock_read=self.timeouts.first_byte)
 
     async def list_models(self) -> list[dict[str, Any]]:
         try:
-            response = await self.http.get(
-                f"{self.profile.base_url}/models", headers=self._headers, timeout=self._timeout()
-            )
-        except httpx.TimeoutException as exc:
+            async with (
+                asyncio.timeout(self.timeouts.total),
+                self.http.get(
+                    f"{self.profile.base_url}/models", headers=self._headers, timeout=self._timeout()
+                ) as response,
+            ):
+                content = await response.read()
+                reply = _headers_of(response)
+        except TimeoutError as exc:
             raise ProviderTimeout(self.name, "The upstream provider timed out.") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise ProviderConnectError(self.name, "The upstream provider could not be reached.") from exc
-        if response.status_code != 200:
-            raise error_for_status(self.name, response, response.content)
-        payload = parse_json_body(self.name, response.content, response.headers.get("content-type", ""))
+        if reply.status_code != 200:
+            raise error_for_status(self.name, reply, content)
+        payload = parse_json_body(self.name, content, reply.headers.get("content-type", ""))
         data = payload.get("data")
         if not isinstance(data, list):
             raise ProviderBadResponse(self.name, "The upstream provider returned an invalid model list.")
@@ -266,56 +307,61 @@ class ProviderClient:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with asyncio.timeout(self.timeouts.total):
+            async with (
+                asyncio.timeout(self.timeouts.total),
+                self.http.post(
+                    f"{self.profile.base_url}{path}",
+                    data=body,
+                    headers=self._headers,
+                    timeout=self._timeout(),
+                ) as response,
+            ):
+                content = await response.read()
+                reply = _headers_of(response)
+        except TimeoutError as exc:
+            raise ProviderTimeout(self.name, "The upstream provider timed out.") from exc
+        except aiohttp.ClientError as exc:
+            raise ProviderConnectError(self.name, "The upstream provider could not be reached.") from exc
+        if reply.status_code != 200:
+            raise error_for_status(self.name, reply, content)
+        payload = parse_json_body(self.name, content, reply.headers.get("content-type", ""))
+        return payload, loop.time() - started
+
+    async def open_stream(self, path: str, body: bytes) -> UpstreamStream:
+        """Send a streaming request and wait for a 200 with its headers (within the first-byte time)."""
+        try:
+            async with asyncio.timeout(self.timeouts.first_byte):
                 response = await self.http.post(
                     f"{self.profile.base_url}{path}",
-                    content=body,
+                    data=body,
                     headers=self._headers,
                     timeout=self._timeout(),
                 )
-        except (TimeoutError, httpx.TimeoutException) as exc:
+        except TimeoutError as exc:
             raise ProviderTimeout(self.name, "The upstream provider timed out.") from exc
-        except httpx.HTTPError as exc:
+        except aiohttp.ClientError as exc:
             raise ProviderConnectError(self.name, "The upstream provider could not be reached.") from exc
-        content = response.content
-        if response.status_code != 200:
-            raise error_for_status(self.name, response, content)
-        return parse_json_body(
-            self.name, content, response.headers.get("content-type", "")
-        ), loop.time() - started
-
-    async def open_stream(self, path: str, body: bytes) -> httpx.Response:
-        """Send a streaming request and wait for a 200 with its headers (within the first-byte time)."""
-        request = self.http.build_request(
-            "POST",
-            f"{self.profile.base_url}{path}",
-            content=body,
-            headers=self._headers,
-            timeout=self._timeout(),
-        )
-        try:
-            async with asyncio.timeout(self.timeouts.first_byte):
-                response = await self.http.send(request, stream=True)
-        except (TimeoutError, httpx.TimeoutException) as exc:
-            raise ProviderTimeout(self.name, "The upstream provider timed out.") from exc
-        except httpx.HTTPError as exc:
-            raise ProviderConnectError(self.name, "The upstream provider could not be reached.") from exc
-        if response.status_code != 200:
+        reply = _headers_of(response)
+        if reply.status_code != 200:
             try:
-                content = await response.aread()
-            except httpx.HTTPError:
+                async with asyncio.timeout(self.timeouts.first_byte):
+                    content = await response.read()
+            except (TimeoutError, aiohttp.ClientError):
                 content = b""
             finally:
-                await response.aclose()
-            raise error_for_status(self.name, response, content)
-        content_type = response.headers.get("content-type", "")
-        if "text/event-stream" not in content_type:
-            await response.aclose()
+                response.release()
+            raise error_for_status(self.name, reply, content)
+        if "text/event-stream" not in reply.headers.get("content-type", ""):
+            response.close()
             raise ProviderBadResponse(self.name, "The upstream provider returned an invalid response.")
-        return response
+        return UpstreamStream(response)
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[bytes]:
+class _ByteSource(Protocol):
+    def aiter_bytes(self) -> AsyncIterator[bytes]: ...
+
+
+async def sse_events(response: _ByteSource) -> AsyncIterator[bytes]:
     """The `data:` payloads of an SSE response, one per event, as they arrive.
 
     Comment lines and keep-alives are skipped; a `data:` split across packets (even inside a UTF-8

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import httpx
 import orjson
 import pytest
@@ -174,7 +175,7 @@ async def client(upstream: FakeUpstream) -> AsyncIterator[ProviderClient]:
     profile = ProviderProfile(
         name="fake", display_name="Fake", base_url=upstream.base_url, api_key=UPSTREAM_SECRET
     )
-    async with httpx.AsyncClient() as http:
+    async with aiohttp.ClientSession() as http:
         yield ProviderClient(profile, http, Timeouts(connect=1.0, first_byte=0.3, total=2.0))
 
 
