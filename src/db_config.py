@@ -135,6 +135,7 @@ async def create_pool(settings: Settings, database_url: str) -> asyncpg.Pool:
         server_settings=server_settings,
         command_timeout=60,
         init=init_connection,
+        reset=keep_session,
     )
     assert pool is not None
     return pool
@@ -149,6 +150,16 @@ async def init_connection(conn: asyncpg.Connection) -> None:
             decoder=orjson.loads,
             schema="pg_catalog",
         )
+
+
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """Release a connection to the pool without asyncpg's reset round trip.
+
+    The gateway keeps no session state on a connection (no session settings, session locks,
+    LISTEN or cursors: settings and locks are transaction-local), so the default
+    `RESET ALL; UNLISTEN *; ...` on every release is a wasted round trip. asyncpg still rolls back
+    a transaction left open.
+    """
 
 
 def migration_files(directory: Path = MIGRATIONS_DIR) -> list[tuple[str, str, Path]]:
