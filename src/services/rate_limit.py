@@ -366,16 +366,8 @@ class RateLimiter:
         memory = self.memory
         used: list[int] = []
         for index, s in enumerate(subjects):
-            rpm = _weighted(
-                memory._get(self._key(s, "rpm", minute), now),
-                memory._get(self._key(s, "rpm", prev_minute), now),
-                w_min,
-            )
-            rpd = _weighted(
-                memory._get(self._key(s, "rpd", day), now),
-                memory._get(self._key(s, "rpd", prev_day), now),
-                w_day,
-            )
+            rpm = self._memory_count(s, "rpm", minute, prev_minute, w_min, now)
+            rpd = self._memory_count(s, "rpd", day, prev_day, w_day, now)
             conc = len(memory._leases(self._key(s, "conc"), now))
             if rpm >= self._local(s.limits.rpm_limit):
                 return Decision(False, index, "rpm", used)
@@ -389,6 +381,16 @@ class RateLimiter:
             memory._add(self._key(s, "rpd", day), 1, now, 2 * DAY)
             memory._leases(self._key(s, "conc"), now)[lease] = now + self.lease_seconds
         return Decision(True, -1, "ok", used)
+
+    def _memory_count(
+        self, s: Subject, metric: str, current: int, previous: int, weight: float, now: float
+    ) -> int:
+        """The sliding-window count of one subject's metric, from process memory."""
+        return _weighted(
+            self.memory._get(self._key(s, metric, current), now),
+            self.memory._get(self._key(s, metric, previous), now),
+            weight,
+        )
 
     def _maybe_sweep(self, now: float) -> None:
         if now >= self._sweep_at:
@@ -459,16 +461,8 @@ class RateLimiter:
         memory = self.memory
         used: list[int] = []
         for index, s in enumerate(subjects):
-            tpm = _weighted(
-                memory._get(self._key(s, "tpm", minute), now),
-                memory._get(self._key(s, "tpm", prev_minute), now),
-                w_min,
-            )
-            tpd = _weighted(
-                memory._get(self._key(s, "tpd", day), now),
-                memory._get(self._key(s, "tpd", prev_day), now),
-                w_day,
-            )
+            tpm = self._memory_count(s, "tpm", minute, prev_minute, w_min, now)
+            tpd = self._memory_count(s, "tpd", day, prev_day, w_day, now)
             if tpm + amount > self._local(s.limits.tpm_limit):
                 return Decision(False, index, "tpm", [*used, tpm])
             if tpd + amount > self._local(s.limits.tpd_limit):
@@ -579,11 +573,7 @@ class RateLimiter:
             except Exception as exc:
                 self._redis_failed(exc, now)
         for metric, cur, prev, weight in names:
-            result[metric] = _weighted(
-                self.memory._get(self._key(subject, metric, cur), now),
-                self.memory._get(self._key(subject, metric, prev), now),
-                weight,
-            )
+            result[metric] = self._memory_count(subject, metric, cur, prev, weight, now)
         result["concurrency"] = len(self.memory._leases(self._key(subject, "conc"), now))
         return result
 
