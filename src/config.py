@@ -131,6 +131,29 @@ class Settings(BaseSettings):
     stripe_secret_key: SecretStr | None = None
     stripe_webhook_secret: SecretStr | None = None
     stripe_api_base: str | None = None
+    # Checkout: the currency, the bounds of a custom top-up, and the origins success/cancel URLs may use.
+    stripe_currency: str = Field("usd", min_length=3, max_length=3)
+    stripe_min_topup_cents: int = Field(500, ge=50)
+    stripe_max_topup_cents: int = Field(1_000_000, ge=50)
+    # JSON list of credit packages: [{"id", "name", "amount_cents", "credits"}]; empty: the built-in set.
+    credit_packages: str = ""
+    checkout_allowed_origins: str = "http://localhost:3000"
+    stripe_webhook_tolerance_seconds: int = Field(300, ge=1)
+    # Money-moving POSTs remember an Idempotency-Key for this long.
+    idempotency_key_ttl_hours: int = Field(24, ge=1)
+    # Trials: granted once per person at sign-up through POST /auth.
+    trial_on_signup: bool = True
+    trial_credits: Decimal = Field(Decimal("5"), ge=0)
+    trial_days: int = Field(7, ge=1)
+    trial_max_tokens: int = Field(1_000_000, ge=1)
+    trial_max_requests: int = Field(1_000, ge=1)
+    # Referrals: rewards once per referred user, on a first paid purchase of at least the minimum.
+    referral_reward_referrer: Decimal = Field(Decimal("10"), ge=0)
+    referral_reward_referred: Decimal = Field(Decimal("10"), ge=0)
+    referral_min_purchase: Decimal = Field(Decimal("10"), ge=0)
+    referral_max_uses: int = Field(100, ge=1)
+    # Failed coupon codes per user and per IP and minute before redemption is throttled.
+    coupon_failures_per_minute: int = Field(10, ge=1)
     resend_api_key: SecretStr | None = None
     resend_api_url: str | None = None
     email_from: str = "Gatewayz <noreply@gatewayz.ai>"
@@ -177,6 +200,10 @@ class Settings(BaseSettings):
     @property
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    @property
+    def checkout_origin_list(self) -> list[str]:
+        return [origin.strip().rstrip("/") for origin in self.checkout_allowed_origins.split(",") if origin.strip()]
 
     @property
     def trusted_proxy_list(self) -> list[str]:

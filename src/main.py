@@ -17,16 +17,23 @@ from src.middleware import RequestContextMiddleware
 from src.routes import (
     activity,
     admin,
+    admin_billing,
     admin_pricing,
     api_keys,
     auth,
     catalog,
     chat,
+    coupons,
     health,
     history,
     images,
     limits,
+    payments,
+    plans,
+    referrals,
     responses,
+    subscriptions,
+    trials,
     users,
 )
 from src.schemas import openapi
@@ -96,6 +103,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(admin_pricing.router)
     app.include_router(limits.router)
+    app.include_router(plans.router)
+    app.include_router(trials.router)
+    app.include_router(payments.router)
+    app.include_router(subscriptions.router)
+    app.include_router(coupons.router)
+    app.include_router(referrals.router)
+    app.include_router(admin_billing.router)
     openapi.install(app)
     return app
 

@@ -21,6 +21,13 @@ PERMISSIONS: dict[str, str] = {
     "pricing.write": "Set admin model prices",
     "limits.read": "Read users' rate-limit ceilings and keys' limits",
     "limits.write": "Set users' rate-limit ceilings (above the plan too) and keys' limits",
+    "plans.read": "Read plans and users' plan assignments",
+    "plans.write": "Create, change and retire plans; assign plans to users",
+    "billing.read": "Read payments, refunds and billing analytics",
+    "billing.write": "Refund payments",
+    "coupons.read": "List coupons and their redemptions",
+    "coupons.write": "Create, change and deactivate coupons",
+    "trials.write": "Grant or extend users' trials",
 }
 
 # Key scopes. A key holds '*' (every scope) unless created with a narrower list.
