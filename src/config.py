@@ -203,7 +203,8 @@ class Settings(BaseSettings):
 
     @property
     def checkout_origin_list(self) -> list[str]:
-        return [origin.strip().rstrip("/") for origin in self.checkout_allowed_origins.split(",") if origin.strip()]
+        origins = self.checkout_allowed_origins.split(",")
+        return [origin.strip().rstrip("/") for origin in origins if origin.strip()]
 
     @property
     def trusted_proxy_list(self) -> list[str]:

@@ -1,8 +1,9 @@
 """SQL for credit holds and their settlement: each is one statement, so each is atomic.
 
-A hold raises users.held only when the available balance (credits - held) covers it. Settlement
-removes the hold, charges the real cost (beyond the hold only from what is still available, never
-below zero), and writes the usage record and the ledger row, all in one statement.
+A hold raises users.held only when the available balance (credits - held - credits past their
+expiry) covers it. Settlement removes the hold, writes off expired grants, charges the real cost
+(beyond the hold only from what is still available, never below zero) from the grants that expire
+soonest, and writes the usage record and the ledger row, all in one database function call.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ async def place_hold(
     placed = await conn.fetchval(
         """WITH held AS (
                 UPDATE users SET held = held + $4
-                WHERE id = $2 AND credits - held >= $4
+                WHERE id = $2 AND credits - held - gw_due_expiry($2) >= $4
                 RETURNING id
             )
             INSERT INTO credit_holds (id, user_id, api_key_id, amount, model, request_type, expires_at)
@@ -54,7 +55,7 @@ async def place_hold(
 
 
 async def available(conn: asyncpg.Connection, *, user_id: UUID) -> Decimal:
-    value = await conn.fetchval("SELECT credits - held FROM users WHERE id = $1", user_id)
+    value = await conn.fetchval("SELECT credits - held - gw_due_expiry(id) FROM users WHERE id = $1", user_id)
     return Decimal(value if value is not None else 0)
 
 
@@ -76,41 +77,9 @@ async def settle(
     actor: str,
 ) -> Settlement | None:
     """Release the hold and charge `cost`, once; None when the hold was already settled or swept."""
+    # One round trip: gw_settle (migration 20261126000700) runs every step under the user's row lock.
     row = await conn.fetchrow(
-        """WITH hold AS (
-                DELETE FROM credit_holds WHERE id = $1
-                RETURNING id, user_id, api_key_id, amount, model, request_type
-            ),
-            owner AS (
-                SELECT u.id, u.credits, u.held, hold.amount AS hold_amount,
-                       LEAST($2::numeric, GREATEST(u.credits - u.held + hold.amount, 0)) AS charge
-                FROM users u JOIN hold ON u.id = hold.user_id
-                FOR UPDATE OF u
-            ),
-            charged AS (
-                UPDATE users u SET held = u.held - owner.hold_amount, credits = u.credits - owner.charge,
-                    updated_at = CASE WHEN owner.charge > 0 THEN now() ELSE u.updated_at END
-                FROM owner WHERE u.id = owner.id
-                RETURNING u.id, u.credits AS balance_after, owner.charge
-            ),
-            usage AS (
-                INSERT INTO usage_records (request_id, user_id, api_key_id, model, provider, request_type,
-                    input_tokens, output_tokens, input_cost, output_cost, cost, charged, shortfall, held,
-                    estimated, status, error_code, latency_ms, client_request_id)
-                SELECT hold.id, hold.user_id, hold.api_key_id, hold.model, $3, hold.request_type, $4, $5, $6, $7,
-                    $2, charged.charge, $2 - charged.charge, hold.amount, $8, $9, $10, $11, $12
-                FROM hold JOIN charged ON charged.id = hold.user_id
-                ON CONFLICT (request_id) DO NOTHING
-                RETURNING request_id
-            ),
-            ledger AS (
-                INSERT INTO credit_transactions (user_id, amount, balance_after, type, reason, actor, reference)
-                SELECT charged.id, -charged.charge, charged.balance_after, 'usage', hold.model, $13, hold.id::text
-                FROM charged JOIN hold ON hold.user_id = charged.id
-                WHERE charged.charge > 0
-                RETURNING id
-            )
-            SELECT charged.charge, $2 - charged.charge AS shortfall, charged.balance_after FROM charged""",
+        "SELECT charge, shortfall, balance_after FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         hold_id,
         cost,
         provider,

@@ -1,7 +1,11 @@
-"""SQL for the credit ledger: every change of users.credits is one credit_transactions row."""
+"""SQL for the credit ledger: every change of users.credits is one credit_transactions row.
+
+Additions are grants (src/db/grants.py); both directions go through the grant functions.
+"""
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -40,32 +44,44 @@ async def change_credits(
     request_id: str | None = None,
     require_available: bool = True,
 ) -> CreditTransaction | None:
-    """Add (or remove) credits and write the ledger row in one statement.
+    """Add credits (as an 'admin' grant that never expires) or remove them, with the ledger row.
 
     With `require_available`, a removal larger than the available balance (credits - held)
-    changes nothing and returns None. Must run inside the caller's transaction.
+    changes nothing and returns None. `reference` labels the ledger row.
     """
-    row = await conn.fetchrow(
-        # $2 is cast everywhere: left to inference, `$2 >= 0` makes it an integer and truncates.
-        f"""WITH changed AS (
-                UPDATE users SET credits = credits + $2::numeric, updated_at = now()
-                WHERE id = $1 AND ($2::numeric >= 0 OR NOT $8 OR credits - held + $2::numeric >= 0)
-                RETURNING id, credits
-            )
-            INSERT INTO credit_transactions
-                (user_id, amount, balance_after, type, reason, actor, reference, request_id)
-            SELECT id, $2::numeric, credits, $3, $4, $5, $6, $7 FROM changed
+    if amount > 0:
+        # $2 is cast: left to inference, a numeric parameter can be taken for an integer.
+        row = await conn.fetchrow(
+            "SELECT transaction_id FROM gw_grant($1, $2::numeric, 'admin', $3, NULL, $4, $5, $6, $7)",
+            user_id,
+            amount,
+            f"adjustment:{uuid.uuid4()}",
+            type,
+            reason,
+            actor,
+            request_id,
+        )
+    else:
+        row = await conn.fetchrow(
+            "SELECT transaction_id FROM gw_debit($1, $2::numeric, $3, NULL, $4, $5, $6, $7, NULL, NULL, $8)",
+            user_id,
+            -amount,
+            type,
+            actor,
+            reason,
+            reference,
+            request_id,
+            require_available,
+        )
+    if row is None:
+        return None
+    found = await conn.fetchrow(
+        f"""UPDATE credit_transactions SET reference = COALESCE($2, reference) WHERE id = $1
             RETURNING {TRANSACTION_COLUMNS}""",
-        user_id,
-        amount,
-        type,
-        reason,
-        actor,
+        row["transaction_id"],
         reference,
-        request_id,
-        require_available,
     )
-    return CreditTransaction(**dict(row)) if row else None
+    return CreditTransaction(**dict(found))
 
 
 async def list_transactions(

@@ -21,7 +21,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import JSONResponse
 
 from src.deps import Conn, State
 from src.schemas.admin import (
@@ -47,6 +48,7 @@ from src.schemas.common import Page, Paging
 from src.schemas.users import Balance
 from src.security.deps import Principal, authenticate, request_meta, require_permission
 from src.services import admin as admin_service
+from src.services import idempotency
 from src.services import roles as roles_service
 from src.services import users as users_service
 
@@ -102,31 +104,56 @@ async def create_user(
 
 @router.post(
     "/add_credits",
+    response_model=CreditsAdded,
     responses={
         **INVALID,
         **DENIED,
         **USER_NOT_FOUND,
-        409: {"description": "A removal larger than the available balance; nothing changed."},
+        409: {
+            "description": "A removal larger than the available balance (nothing changed), or an"
+            " Idempotency-Key reused with another body or still in progress."
+        },
     },
 )
 async def add_credits(
-    actor: CreditsWriter, body: AddCredits, conn: Conn, state: State, request: Request
-) -> CreditsAdded:
+    actor: CreditsWriter,
+    body: AddCredits,
+    conn: Conn,
+    state: State,
+    request: Request,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", description="Retries with the same key apply the change once."),
+    ] = None,
+) -> JSONResponse:
     """Add credits to an account, or remove them with a negative amount, through the ledger."""
-    transaction, user = await admin_service.add_credits(
-        conn,
-        user_id=body.user_id,
-        amount=body.amount,
-        reason=body.reason,
-        actor=actor,
-        meta=request_meta(request, state),
+
+    async def run() -> tuple[int, Any]:
+        transaction, user = await admin_service.add_credits(
+            conn,
+            user_id=body.user_id,
+            amount=body.amount,
+            reason=body.reason,
+            actor=actor,
+            meta=request_meta(request, state),
+        )
+        added = CreditsAdded(
+            user_id=user.id,
+            amount=transaction.amount,
+            balance=Balance.model_validate(users_service.balance_of(user), from_attributes=True),
+            transaction_id=transaction.id,
+        )
+        return 200, added.model_dump(mode="json")
+
+    status, answer = await idempotency.once(
+        state.pool,
+        scope=f"admin:{actor.actor}",
+        key=idempotency_key,
+        fingerprint=idempotency.fingerprint("POST /admin/add_credits", body.model_dump(mode="json")),
+        run=run,
+        ttl_hours=state.settings.idempotency_key_ttl_hours,
     )
-    return CreditsAdded(
-        user_id=user.id,
-        amount=transaction.amount,
-        balance=Balance.model_validate(users_service.balance_of(user), from_attributes=True),
-        transaction_id=transaction.id,
-    )
+    return JSONResponse(answer, status_code=status)
 
 
 @router.get("/roles", responses=DENIED)

@@ -9,8 +9,8 @@ from fastapi import APIRouter, Query, Request
 from src.deps import Conn, State
 from src.schemas.common import Page, Paging
 from src.schemas.users import (
+    AccountBalance,
     AccountDeleted,
-    Balance,
     CreditTransaction,
     DeleteAccount,
     Profile,
@@ -31,11 +31,11 @@ INVALID_BODY: dict[int | str, dict[str, Any]] = {
 
 
 @router.get("/balance", responses=UNAUTHENTICATED)
-async def get_balance(user: CurrentUser, conn: Conn) -> Balance:
-    """The caller's balance, held credits and what is available to spend."""
+async def get_balance(user: CurrentUser, conn: Conn) -> AccountBalance:
+    """The caller's balance, held credits, what is available to spend, and the grants behind it."""
     assert user.user_id is not None
     balance = await users_service.get_balance(conn, user_id=user.user_id)
-    return Balance.model_validate(balance, from_attributes=True)
+    return AccountBalance.model_validate(balance, from_attributes=True)
 
 
 @router.get("/profile", responses=UNAUTHENTICATED)

@@ -53,6 +53,20 @@ class Balance(BaseModel):
     available: Money = Field(description="What new requests may spend: balance - held.")
 
 
+class BalanceGrant(BaseModel):
+    source: Literal["purchase", "subscription", "trial", "coupon", "referral", "admin", "refund_reversal"]
+    amount: Money = Field(description="Credits the grant added.")
+    remaining: Money = Field(description="What is left of it (usage spends the soonest-expiring first).")
+    expires_at: datetime | None = Field(description="When what is left expires; null: never.")
+    created_at: datetime
+
+
+class AccountBalance(Balance):
+    grants: list[BalanceGrant] = Field(
+        description="The grants with credits left, soonest-expiring first; expired ones are not listed."
+    )
+
+
 class Profile(BaseModel):
     id: UUID
     email: str | None = Field(description="The verified e-mail (from Privy or set by an admin).")

@@ -23,6 +23,7 @@ from src.db import holds as holds_db
 from src.db.history import Exchange
 from src.db.holds import Settlement
 from src.errors import InsufficientCredits
+from src.services import grants
 from src.services.catalog import Candidate, Price
 
 logger = logging.getLogger("gatewayz.credits")
@@ -210,11 +211,13 @@ async def release_expired(pool: asyncpg.Pool) -> int:
 
 
 async def sweep_forever(pool: asyncpg.Pool, *, interval: float = SWEEP_INTERVAL_SECONDS) -> None:
+    """Release holds of requests that died, and write off grants past their expiry, every round."""
     while True:
         try:
             await release_expired(pool)
+            await grants.expire_due(pool)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the next round tries again; holds wait, they are never lost
-            logger.warning("hold sweep failed: %s", type(exc).__name__)
+            logger.warning("hold and grant sweep failed: %s", type(exc).__name__)
         await asyncio.sleep(interval)

@@ -26,7 +26,8 @@ from src.errors import (
 )
 from src.security.deps import Principal, RequestMeta
 from src.services import api_keys as keys_service
-from src.services import audit
+from src.services import audit, grants
+from src.services.grants import Grant
 from src.services.privy import PrivyVerifier, get_verifier, normalise_email
 from src.state import AppState
 
@@ -350,8 +351,17 @@ async def get_user(conn: asyncpg.Connection, *, user_id: UUID) -> User:
     return user
 
 
-async def get_balance(conn: asyncpg.Connection, *, user_id: UUID) -> Balance:
-    return balance_of(await get_user(conn, user_id=user_id))
+@dataclass(frozen=True)
+class AccountBalance(Balance):
+    grants: list[Grant]
+
+
+async def get_balance(conn: asyncpg.Connection, *, user_id: UUID) -> AccountBalance:
+    """The three numbers and the live grants, read in one snapshot."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        user = await get_user(conn, user_id=user_id)
+        live = await grants.live_grants(conn, user_id=user_id)
+    return AccountBalance(balance=user.credits, held=user.held, available=user.available, grants=live)
 
 
 # Profile body field -> users column. `email` typed by the user is a contact address, never the

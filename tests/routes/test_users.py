@@ -44,11 +44,15 @@ class TestBalance:
         self, app: FastAPI, client: httpx.AsyncClient, db: asyncpg.Connection
     ) -> None:
         user = await create_user(app, credits="5")
-        assert (await client.get("/user/balance", headers=user.headers)).json() == {
+        first = (await client.get("/user/balance", headers=user.headers)).json()
+        assert {k: first[k] for k in ("balance", "held", "available")} == {
             "balance": "5.0000000000",
             "held": ZERO,
             "available": "5.0000000000",
         }
+        assert [(g["source"], g["amount"], g["remaining"], g["expires_at"]) for g in first["grants"]] == [
+            ("admin", "5.0000000000", "5.0000000000", None)
+        ]
         state = app_state(app)
         async with state.pool.acquire() as conn:
             await users_service.change_credits(
@@ -57,11 +61,13 @@ class TestBalance:
         await db.execute("UPDATE users SET held = 1.25 WHERE id = $1", user.id)
         response = await client.get("/user/balance", headers=user.headers)
         assert response.status_code == 200
-        assert response.json() == {
+        body = response.json()
+        assert {k: body[k] for k in ("balance", "held", "available")} == {
             "balance": "7.5000000000",
             "held": "1.2500000000",
             "available": "6.2500000000",
         }
+        assert sorted(g["remaining"] for g in body["grants"]) == ["2.5000000000", "5.0000000000"]
 
     async def test_each_user_sees_their_own_balance(self, app: FastAPI, client: httpx.AsyncClient) -> None:
         rich = await create_user(app, credits="100")
