@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import sys
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -21,6 +24,8 @@ def main() -> int:
         return 2
     # The embedded database is started and migrated here, before the workers, so they share it.
     asyncio.run(prepare(settings))
+    if settings.web_concurrency > 1:
+        _share_metrics(settings.gateway_data_dir / "metrics")
     print(
         f"gatewayz: listening on http://{settings.host}:{settings.port}"
         f" with {settings.web_concurrency} worker(s)",
@@ -38,6 +43,16 @@ def main() -> int:
         log_config=None,  # logging is configured by the app, through the redacting formatter
     )
     return 0
+
+
+def _share_metrics(default: Path) -> None:
+    """Several workers write their metrics into one folder, so any worker's /metrics sums them all."""
+    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or default)
+    # Values of an earlier run would be added to this one's: start from an empty folder.
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The HTTP edge: request ids, the access log, the body-size limit and the last-resort 500.
+"""The HTTP edge: request ids, the access log and metrics, the body-size limit and the last-resort 500.
 
 Written as plain ASGI middleware (no BaseHTTPMiddleware) so streaming responses pass through
 untouched and the hot path pays for one function call per message, not a task per request.
@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.errors import REQUEST_ID_HEADER, error_body, internal_error_body
 from src.logging_config import request_id_var
+from src.services import metrics
 
 access_logger = logging.getLogger("gatewayz.access")
 error_logger = logging.getLogger("gatewayz.errors")
@@ -133,7 +134,15 @@ class RequestContextMiddleware:
                 )
                 await _send_json(send, 413, body, request_id_header)
             _log_access(scope, status, started)
+            _count(scope, status, started)
             request_id_var.reset(token)
+
+
+def _count(scope: Scope, status: int, started: float) -> None:
+    # By route template (bounded label values), never by raw path.
+    route = getattr(scope.get("route"), "path", None) or "unmatched"
+    metrics.HTTP_REQUESTS.labels(route, scope["method"], str(status)).inc()
+    metrics.HTTP_LATENCY.labels(route).observe(time.perf_counter() - started)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any], *extra: tuple[bytes, bytes]) -> None:

@@ -28,6 +28,7 @@ PERMISSIONS: dict[str, str] = {
     "coupons.read": "List coupons and their redemptions",
     "coupons.write": "Create, change and deactivate coupons",
     "trials.write": "Grant or extend users' trials",
+    "metrics.read": "Read /metrics and the admin monitor",
 }
 
 # Key scopes. A key holds '*' (every scope) unless created with a narrower list.
@@ -51,7 +52,7 @@ def scope_for(method: str, path: str) -> str:
     if path.startswith("/catalog/"):
         # Browsing is public; the cost estimate of an inference request is part of inference.
         return "inference"
-    if path.startswith("/admin"):
+    if path.startswith("/admin") or path == "/metrics":
         return "admin"
     if path.startswith("/user/api-keys"):
         return "keys"

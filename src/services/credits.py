@@ -23,7 +23,7 @@ from src.db import holds as holds_db
 from src.db.history import Exchange
 from src.db.holds import Settlement
 from src.errors import InsufficientCredits
-from src.services import grants
+from src.services import grants, metrics
 from src.services.catalog import Candidate, Price
 
 logger = logging.getLogger("gatewayz.credits")
@@ -150,7 +150,13 @@ async def settle(
                 result = await _settle(conn, hold, usage, actor=actor)
                 if result is not None:
                     await _save_history(conn, hold, history)
+    if result is not None:
+        metrics.TOKENS.labels("input").inc(usage.input_tokens)
+        metrics.TOKENS.labels("output").inc(usage.output_tokens)
+        metrics.CREDITS_CHARGED.inc(float(result.charged))
     if result is not None and result.shortfall > 0:
+        metrics.SHORTFALLS.inc()
+        metrics.SHORTFALL_CREDITS.inc(float(result.shortfall))
         logger.warning(
             "billing shortfall of %s on request %s (cost above the hold)", result.shortfall, hold.id
         )

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 
 from src.cache import Clock
 from src.redis_config import Subscriber
+from src.services import metrics
 
 logger = logging.getLogger("gatewayz.providers.health")
 
@@ -111,6 +112,7 @@ class ProviderHealth:
 
     def record_success(self, provider: str, latency: float) -> None:
         self._sample(provider, ok=True, latency=latency)
+        metrics.UPSTREAM_LATENCY.labels(provider, "success").observe(latency)
         breaker = self.breaker(provider)
         was = breaker.state
         breaker.failures = 0
@@ -122,6 +124,8 @@ class ProviderHealth:
 
     def record_failure(self, provider: str, latency: float) -> None:
         self._sample(provider, ok=False, latency=latency)
+        metrics.UPSTREAM_LATENCY.labels(provider, "failure").observe(latency)
+        metrics.UPSTREAM_ERRORS.labels(provider, "failure").inc()
         breaker = self.breaker(provider)
         breaker.failures += 1
         if breaker.state == HALF_OPEN or breaker.failures >= self.failure_threshold:
@@ -132,6 +136,8 @@ class ProviderHealth:
     ) -> float:
         """Cool this provider and model down; returns the cool-down in seconds."""
         self._sample(provider, ok=False, latency=latency)
+        metrics.UPSTREAM_LATENCY.labels(provider, "rate_limited").observe(latency)
+        metrics.UPSTREAM_ERRORS.labels(provider, "rate_limited").inc()
         breaker = self.breaker(provider)
         breaker.probing = False
         seconds = min(retry_after if retry_after is not None else 1.0, self.cooldown_cap_seconds)

@@ -35,6 +35,7 @@ from uuid import UUID
 from redis.asyncio import Redis
 
 from src.errors import RateLimited
+from src.services import metrics
 from src.services.limits import Limits
 
 logger = logging.getLogger("gatewayz.ratelimit")
@@ -93,6 +94,7 @@ def _limit_name(metric: str) -> str:
 
 def _refusal(subject: Subject, metric: str, retry_after: float, headers: dict[str, str]) -> RateLimited:
     who = "API key" if subject.kind == "k" else "account"
+    metrics.RATE_LIMITED.labels("key" if subject.kind == "k" else "user", metric).inc()
     retry = max(1, math.ceil(retry_after))
     return RateLimited(
         f"Rate limit reached for this {who}: {_limit_name(metric)}. Retry after {retry} s.",

@@ -1,4 +1,4 @@
-"""Every /admin route, found by walking the route table, refuses everyone but admins and the operator."""
+"""Every /admin route and /metrics, found by walking the route table, refuse everyone but admins and the operator."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ EXPECTED = {
     ("GET", "/admin/audit-logs"),
     ("POST", "/admin/audit-logs/sweep"),
     ("GET", "/admin/security/auth-failures"),
+    ("GET", "/metrics"),
 }
 BODY_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 _PARAM = re.compile(r"\{(\w+)(?::\w+)?\}")
@@ -38,7 +39,8 @@ def admin_routes(app: FastAPI) -> list[tuple[str, str]]:
     # their effective routes, with prefixes applied, the way the OpenAPI generator does.
     for context in iter_route_contexts(app.routes):
         path = context.path or ""
-        if not path.startswith("/admin"):
+        # /metrics is an admin route too (admin credentials or METRICS_TOKEN).
+        if not (path.startswith("/admin") or path == "/metrics"):
             continue
         # Anything but an APIRoute (a bare Starlette route, a mount) would skip the dependencies.
         assert isinstance(context.original_route, APIRoute), path
