@@ -28,6 +28,7 @@ from src.routes import (
     history,
     images,
     limits,
+    metrics,
     payments,
     plans,
     referrals,
@@ -110,6 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(coupons.router)
     app.include_router(referrals.router)
     app.include_router(admin_billing.router)
+    app.include_router(metrics.router)
     openapi.install(app)
     return app
 
