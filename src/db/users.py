@@ -12,8 +12,8 @@ import asyncpg
 
 # `credits` as read excludes grants past their expiry that no balance change has written off yet.
 USER_COLUMNS = (
-    "id, email, contact_email, privy_id, username, credits - gw_due_expiry(id) AS credits, held, role, is_active, banned_at, referral_code,"
-    " referred_by, preferences, deleted_at, created_at, updated_at"
+    "id, email, contact_email, privy_id, username, credits - gw_due_expiry(id) AS credits, held, role,"
+    " is_active, banned_at, referral_code, referred_by, preferences, deleted_at, created_at, updated_at"
 )
 
 
