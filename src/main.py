@@ -18,6 +18,7 @@ from src.routes import (
     activity,
     admin,
     admin_billing,
+    admin_ops,
     admin_pricing,
     api_keys,
     auth,
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(referrals.router)
     app.include_router(admin_billing.router)
     app.include_router(metrics.router)
+    app.include_router(admin_ops.router)
     openapi.install(app)
     return app
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import asyncpg
 
 
@@ -16,3 +18,50 @@ async def outbox_depth(conn: asyncpg.Connection) -> int:
     return int(
         await conn.fetchval("SELECT count(*) FROM notification_outbox WHERE status IN ('queued', 'sending')")
     )
+
+
+async def request_window(conn: asyncpg.Connection, *, seconds: int) -> asyncpg.Record:
+    """Inference requests settled in the last `seconds`: count, errors, latency percentiles (ms)."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS requests,
+                  count(*) FILTER (WHERE error_code IS NOT NULL OR status = 'upstream_error') AS errors,
+                  percentile_cont(0.5) WITHIN GROUP (ORDER BY latency_ms) AS p50,
+                  percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms) AS p95,
+                  percentile_cont(0.99) WITHIN GROUP (ORDER BY latency_ms) AS p99
+            FROM usage_records WHERE created_at >= now() - make_interval(secs => $1)""",
+        seconds,
+    )
+    assert row is not None
+    return row
+
+
+# Midnight UTC today: the usage_records_created_idx range start for "today" figures.
+_TODAY = "date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+
+
+async def spent_today(conn: asyncpg.Connection) -> Decimal:
+    value = await conn.fetchval(
+        f"SELECT COALESCE(sum(charged), 0) FROM usage_records WHERE created_at >= {_TODAY}"
+    )
+    return Decimal(value)
+
+
+async def top_users_today(conn: asyncpg.Connection, *, limit: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT r.user_id, u.email, count(*) AS requests, sum(r.charged) AS spent
+            FROM usage_records r JOIN users u ON u.id = r.user_id
+            WHERE r.created_at >= {_TODAY}
+            GROUP BY r.user_id, u.email ORDER BY spent DESC, requests DESC LIMIT $1""",
+        limit,
+    )
+    return rows
+
+
+async def top_models_today(conn: asyncpg.Connection, *, limit: int) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await conn.fetch(
+        f"""SELECT model, count(*) AS requests, sum(charged) AS spent FROM usage_records
+            WHERE created_at >= {_TODAY}
+            GROUP BY model ORDER BY requests DESC, spent DESC LIMIT $1""",
+        limit,
+    )
+    return rows
