@@ -10,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from src.db import plans as plans_db
 from src.security.security import NewKey
 
 KEY_COLUMNS = (
@@ -58,6 +59,9 @@ class AuthRecord:
     # The owner's admin-set ceilings (None: the plan's or the defaults), read with the key so that
     # rate limiting costs no extra round trip.
     user_limits: dict[str, int | None]
+    # The limits of the owner's current plan (the default plan without one); None: the settings
+    # default. Read in the same lookup, for the same reason.
+    plan_limits: dict[str, int | None]
 
 
 USER_LIMIT_COLUMNS = ("rpm_limit", "rpd_limit", "tpm_limit", "tpd_limit", "concurrency_limit")
@@ -79,8 +83,11 @@ async def get_auth_record(conn: asyncpg.Connection, *, key_hash: bytes) -> AuthR
                 u.is_active AS user_is_active, u.banned_at IS NOT NULL AS user_banned,
                 u.deleted_at IS NOT NULL AS user_deleted, u.role,
                 u.rpm_limit AS u_rpm_limit, u.rpd_limit AS u_rpd_limit, u.tpm_limit AS u_tpm_limit,
-                u.tpd_limit AS u_tpd_limit, u.concurrency_limit AS u_concurrency_limit
+                u.tpd_limit AS u_tpd_limit, u.concurrency_limit AS u_concurrency_limit,
+                p.rpm_limit AS p_rpm_limit, p.rpd_limit AS p_rpd_limit, p.tpm_limit AS p_tpm_limit,
+                p.tpd_limit AS p_tpd_limit, p.concurrency_limit AS p_concurrency_limit
             FROM api_keys k JOIN users u ON u.id = k.user_id
+            {plans_db.current_plan_join("u.id")}
             WHERE k.key_hash = $1""",
         key_hash,
     )
@@ -92,9 +99,10 @@ async def get_auth_record(conn: asyncpg.Connection, *, key_hash: bytes) -> AuthR
         for name in ("key_hash", "user_is_active", "user_banned", "user_deleted", "role")
     }
     user_limits = {name: values.pop(f"u_{name}") for name in USER_LIMIT_COLUMNS}
+    plan_limits = {name: values.pop(f"p_{name}") for name in USER_LIMIT_COLUMNS}
     key = _key(values)
     assert key is not None
-    return AuthRecord(key=key, user_limits=user_limits, **extra)
+    return AuthRecord(key=key, user_limits=user_limits, plan_limits=plan_limits, **extra)
 
 
 async def insert_key(

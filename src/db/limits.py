@@ -1,4 +1,4 @@
-"""SQL for the admin-set limits of users (ceilings) and keys."""
+"""SQL for the admin-set limits of users (ceilings) and keys, and the plan limits under them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+
+from src.db import plans as plans_db
 
 LIMIT_COLUMNS = ("rpm_limit", "rpd_limit", "tpm_limit", "tpd_limit", "concurrency_limit")
 _SELECT = ", ".join(LIMIT_COLUMNS)
@@ -17,6 +19,21 @@ async def user_limits(
     lock = " FOR UPDATE" if for_update else ""
     row = await conn.fetchrow(f"SELECT {_SELECT} FROM users WHERE id = $1{lock}", user_id)
     return dict(row) if row is not None else None
+
+
+async def ceiling_inputs(
+    conn: asyncpg.Connection, *, user_id: UUID
+) -> tuple[dict[str, int | None], dict[str, int | None]] | None:
+    """A user's admin-set limits and their current plan's limits, in one query (None: no user)."""
+    row = await conn.fetchrow(
+        f"""SELECT {", ".join(f"u.{c} AS u_{c}, p.{c} AS p_{c}" for c in LIMIT_COLUMNS)}
+            FROM users u {plans_db.current_plan_join("u.id")}
+            WHERE u.id = $1""",
+        user_id,
+    )
+    if row is None:
+        return None
+    return {c: row[f"u_{c}"] for c in LIMIT_COLUMNS}, {c: row[f"p_{c}"] for c in LIMIT_COLUMNS}
 
 
 async def key_limits(

@@ -72,6 +72,7 @@ def _user_view(view: limits_service.UserCeiling) -> UserLimits:
     return UserLimits(
         user_id=view.user_id,
         admin_set=LimitSettings.model_validate(view.admin_set),
+        plan=_values(view.plan),
         ceiling=_values(view.ceiling),
     )
 

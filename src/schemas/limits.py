@@ -82,6 +82,7 @@ class UserLimits(BaseModel):
 
     user_id: UUID
     admin_set: LimitSettings = Field(description="Admin-set ceilings; null fields follow the plan.")
+    plan: LimitValues = Field(description="The limits of the user's current plan.")
     ceiling: LimitValues = Field(description="The ceiling in force for every key of the user.")
 
 

@@ -252,7 +252,7 @@ async def rate_limited(
     """
     assert principal.record is not None and principal.user_id is not None
     record = principal.record
-    ceiling = limits_service.ceiling(state.settings, record.user_limits)
+    ceiling = limits_service.ceiling(state.settings, record.user_limits, record.plan_limits)
     own = {name: getattr(record.key, name) for name in limits_service.LIMIT_NAMES}
     subjects = rate_limit.subjects_for(
         key_id=principal.key_id,

@@ -1,10 +1,14 @@
 """Which limits apply to a user and a key: the one place the limiter and the key routes read.
 
 The effective limit of a request is the minimum of the key's own limit and its owner's ceiling.
-The ceiling is the admin-set ceiling of that user where there is one (it may be above the plan),
-else the plan's limits (the settings defaults until plans exist). A user may set a key's limits
-only at or below the ceiling; an admin may set either (audited), and the change applies to the
-user's keys at once (their cached records are dropped).
+The ceiling is, limit by limit, the admin-set ceiling of that user where there is one (it may be
+above the plan), else the limit of the user's current plan, else (the plan leaves it NULL, as the
+free plan does) the settings default (DEFAULT_RPM, ...). A user's current plan is their active or
+past_due plan; without one (never subscribed, cancelled, expired) it is the default free plan.
+A user may set a key's limits only at or below the ceiling; an admin may set either (audited), and
+the change applies to the user's keys at once (their cached records are dropped). The limiter
+reads the ceiling through `ceiling()` from the cached authentication record, which carries both
+the admin-set limits and the plan's, so it costs no database round trip.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncpg
 
 from src.config import Settings
 from src.db import limits as limits_db
+from src.db import plans as plans_db
 from src.errors import NotFound
 
 if TYPE_CHECKING:
@@ -46,17 +51,30 @@ def default_limits(settings: Settings) -> Limits:
     )
 
 
-def ceiling(settings: Settings, admin_set: dict[str, int | None] | None) -> Limits:
-    """A user's ceiling from their admin-set limits (None fields: the plan's / the defaults)."""
-    plan = default_limits(settings)
+def plan_limits(settings: Settings, plan: dict[str, int | None] | None) -> Limits:
+    """A plan's limits in force: its own, the settings default where it sets none."""
+    defaults = default_limits(settings)
+    if not plan:
+        return defaults
+    return Limits(**{name: plan.get(name) or getattr(defaults, name) for name in LIMIT_NAMES})
+
+
+def ceiling(
+    settings: Settings,
+    admin_set: dict[str, int | None] | None,
+    plan: dict[str, int | None] | None = None,
+) -> Limits:
+    """A user's ceiling: their admin-set limits, else their plan's, else the settings defaults."""
+    under = plan_limits(settings, plan)
     if not admin_set:
-        return plan
-    return Limits(**{name: admin_set.get(name) or getattr(plan, name) for name in LIMIT_NAMES})
+        return under
+    return Limits(**{name: admin_set.get(name) or getattr(under, name) for name in LIMIT_NAMES})
 
 
 async def user_ceiling(conn: asyncpg.Connection, settings: Settings, *, user_id: UUID) -> Limits:
     """The most any key of this user may be allowed."""
-    return ceiling(settings, await limits_db.user_limits(conn, user_id=user_id))
+    found = await limits_db.ceiling_inputs(conn, user_id=user_id)
+    return ceiling(settings, *found) if found is not None else default_limits(settings)
 
 
 def effective_key_limits(own: dict[str, int | None], ceiling: Limits) -> Limits:
@@ -90,6 +108,7 @@ class CallerLimits:
 class UserCeiling:
     user_id: UUID
     admin_set: dict[str, int | None]
+    plan: Limits
     ceiling: Limits
 
 
@@ -118,11 +137,11 @@ async def caller_limits(
     from src.services.rate_limit import Subject
 
     found = await limits_db.key_limits(conn, key_id=key_id)
-    admin_set = await limits_db.user_limits(conn, user_id=user_id)
-    if found is None or admin_set is None:  # revoked or deleted since it authenticated
+    inputs = await limits_db.ceiling_inputs(conn, user_id=user_id)
+    if found is None or inputs is None:  # revoked or deleted since it authenticated
         raise _key_not_found()
     own = found[1]
-    account = ceiling(state.settings, admin_set)
+    account = ceiling(state.settings, *inputs)
     key = effective_key_limits(own, account)
     key_usage, account_usage = await asyncio.gather(
         state.limiter.usage(Subject(kind="k", id=str(key_id), limits=key)),
@@ -137,10 +156,16 @@ async def caller_limits(
 
 
 async def get_user_ceiling(conn: asyncpg.Connection, settings: Settings, *, user_id: UUID) -> UserCeiling:
-    admin_set = await limits_db.user_limits(conn, user_id=user_id)
-    if admin_set is None:
+    found = await limits_db.ceiling_inputs(conn, user_id=user_id)
+    if found is None:
         raise _user_not_found()
-    return UserCeiling(user_id=user_id, admin_set=admin_set, ceiling=ceiling(settings, admin_set))
+    admin_set, plan = found
+    return UserCeiling(
+        user_id=user_id,
+        admin_set=admin_set,
+        plan=plan_limits(settings, plan),
+        ceiling=ceiling(settings, admin_set, plan),
+    )
 
 
 async def set_user_ceiling(
@@ -160,6 +185,7 @@ async def set_user_ceiling(
         if before is None:
             raise _user_not_found()
         after = {**before, **changes}
+        plan = await plans_db.plan_limits(conn, user_id=user_id)
         if after != before:
             await limits_db.set_user_limits(conn, user_id=user_id, limits=changes)
             await audit.record(
@@ -175,13 +201,18 @@ async def set_user_ceiling(
             )
     # Cached keys carry their owner's ceiling: drop them so the next request reads the new one.
     await state.auth_cache.invalidate(state.redis, user_id=user_id)
-    return UserCeiling(user_id=user_id, admin_set=after, ceiling=ceiling(state.settings, after))
+    return UserCeiling(
+        user_id=user_id,
+        admin_set=after,
+        plan=plan_limits(state.settings, plan),
+        ceiling=ceiling(state.settings, after, plan),
+    )
 
 
 async def _key_view(
     conn: asyncpg.Connection, settings: Settings, key_id: UUID, user_id: UUID, own: dict[str, int | None]
 ) -> KeyLimits:
-    cap = ceiling(settings, await limits_db.user_limits(conn, user_id=user_id))
+    cap = await user_ceiling(conn, settings, user_id=user_id)
     return KeyLimits(
         key_id=key_id, user_id=user_id, own=own, effective=effective_key_limits(own, cap), ceiling=cap
     )
