@@ -1,12 +1,12 @@
 """SQL for the operator's views of every account: users, the ledger and usage across users.
 
 Each list is one indexed range scan at millions of rows: credit_transactions by (created_at, id),
-usage_records by created_at (and by user or key first when one is given).
+usage_records by (user_id, created_at); usage reports add up the daily rollup (usage_daily).
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from uuid import UUID
 
 import asyncpg
@@ -90,10 +90,10 @@ async def credit_transactions(
 
 USAGE_GROUPS = {
     "user": "user_id::text",
-    "key": "api_key_id::text",
+    "key": "NULLIF(api_key_id, '00000000-0000-0000-0000-000000000000')::text",
     "model": "model",
-    "provider": "COALESCE(provider, '')",
-    "day": "to_char(date_trunc('day', created_at AT TIME ZONE 'UTC'), 'YYYY-MM-DD')",
+    "provider": "provider",
+    "day": "to_char(day, 'YYYY-MM-DD')",
 }
 
 
@@ -101,19 +101,23 @@ async def usage_summary(
     conn: asyncpg.Connection,
     *,
     group_by: str,
-    since: datetime,
-    until: datetime,
+    since: date,
+    until: date,
     user_id: UUID | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """Requests, tokens, spend and shortfall per group over [since, until), largest spend first."""
+    """Requests, tokens, spend and shortfall per group over the days [since, until] (UTC).
+
+    Read from usage_daily, which the settlement keeps, so a year of traffic is thousands of rows
+    to add up, not millions.
+    """
     group = USAGE_GROUPS[group_by]  # a fixed expression from the table above, never the caller's text
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""SELECT {group} AS key, count(*) AS requests, sum(input_tokens) AS input_tokens,
-                   sum(output_tokens) AS output_tokens, sum(charged) AS spent, sum(shortfall) AS shortfall,
-                   count(*) FILTER (WHERE error_code IS NOT NULL OR status = 'upstream_error') AS errors
-            FROM usage_records
-            WHERE created_at >= $1 AND created_at < $2 AND ($3::uuid IS NULL OR user_id = $3)
+        f"""SELECT {group} AS key, sum(requests)::bigint AS requests, sum(input_tokens)::bigint AS input_tokens,
+                   sum(output_tokens)::bigint AS output_tokens, sum(spent) AS spent, sum(shortfall) AS shortfall,
+                   sum(errors)::bigint AS errors
+            FROM usage_daily
+            WHERE day >= $1 AND day <= $2 AND ($3::uuid IS NULL OR user_id = $3)
             GROUP BY 1 ORDER BY {"1" if group_by == "day" else "spent DESC, requests DESC"} LIMIT $4""",
         since,
         until,

@@ -35,23 +35,22 @@ async def request_window(conn: asyncpg.Connection, *, seconds: int) -> asyncpg.R
     return row
 
 
-# Midnight UTC today: the usage_records_created_idx range start for "today" figures.
-_TODAY = "date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+# Today (UTC) in usage_daily, the rollup the settlement keeps.
+_TODAY = "(now() AT TIME ZONE 'UTC')::date"
 
 
 async def spent_today(conn: asyncpg.Connection) -> Decimal:
-    value = await conn.fetchval(
-        f"SELECT COALESCE(sum(charged), 0) FROM usage_records WHERE created_at >= {_TODAY}"
-    )
+    value = await conn.fetchval(f"SELECT COALESCE(sum(spent), 0) FROM usage_daily WHERE day = {_TODAY}")
     return Decimal(value)
 
 
 async def top_users_today(conn: asyncpg.Connection, *, limit: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""SELECT r.user_id, u.email, count(*) AS requests, sum(r.charged) AS spent
-            FROM usage_records r JOIN users u ON u.id = r.user_id
-            WHERE r.created_at >= {_TODAY}
-            GROUP BY r.user_id, u.email ORDER BY spent DESC, requests DESC LIMIT $1""",
+        f"""SELECT d.user_id, u.email, d.requests, d.spent FROM (
+                SELECT user_id, sum(requests)::bigint AS requests, sum(spent) AS spent FROM usage_daily
+                WHERE day = {_TODAY} GROUP BY user_id ORDER BY spent DESC, requests DESC LIMIT $1
+            ) d JOIN users u ON u.id = d.user_id
+            ORDER BY d.spent DESC, d.requests DESC""",
         limit,
     )
     return rows
@@ -59,9 +58,8 @@ async def top_users_today(conn: asyncpg.Connection, *, limit: int) -> list[async
 
 async def top_models_today(conn: asyncpg.Connection, *, limit: int) -> list[asyncpg.Record]:
     rows: list[asyncpg.Record] = await conn.fetch(
-        f"""SELECT model, count(*) AS requests, sum(charged) AS spent FROM usage_records
-            WHERE created_at >= {_TODAY}
-            GROUP BY model ORDER BY requests DESC, spent DESC LIMIT $1""",
+        f"""SELECT model, sum(requests)::bigint AS requests, sum(spent) AS spent FROM usage_daily
+            WHERE day = {_TODAY} GROUP BY model ORDER BY requests DESC, spent DESC LIMIT $1""",
         limit,
     )
     return rows

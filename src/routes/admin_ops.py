@@ -6,7 +6,7 @@ parameter or body is looked at.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
@@ -138,8 +138,10 @@ async def usage(
     actor: BillingReader,
     conn: Conn,
     group_by: Annotated[Literal["user", "key", "model", "provider", "day"], Query()] = "day",
-    since: Annotated[datetime | None, Query(description="Default: 7 days before `until`.")] = None,
-    until: Annotated[datetime | None, Query(description="Default: now.")] = None,
+    since: Annotated[
+        date | None, Query(description="First day (UTC); default: 6 days before `until`.")
+    ] = None,
+    until: Annotated[date | None, Query(description="Last day (UTC), included; default: today.")] = None,
     user_id: Annotated[UUID | None, Query()] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:

@@ -3,7 +3,7 @@ the ledger and usage across every user."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -131,14 +131,15 @@ async def usage(
     conn: asyncpg.Connection,
     *,
     group_by: str,
-    since: datetime | None,
-    until: datetime | None,
+    since: date | None,
+    until: date | None,
     user_id: UUID | None,
     limit: int,
 ) -> dict[str, Any]:
-    end = until or datetime.now(UTC)
-    start = since or end - timedelta(days=7)
-    if start >= end or end - start > MAX_USAGE_WINDOW:
+    """Usage grouped by user, key, model, provider or day over whole days (UTC), both ends included."""
+    end = until or datetime.now(UTC).date()
+    start = since or end - timedelta(days=6)
+    if start > end or end - start > MAX_USAGE_WINDOW:
         raise InvalidRequest(
             "The window must start before it ends and span at most 366 days.",
             param="since",

@@ -99,7 +99,9 @@ async def test_user_search_detail_and_ban(
     assert (await client.get("/admin/users/not-a-uuid", headers=OPERATOR)).status_code == 404
 
 
-async def test_ledger_and_usage_across_users(app: FastAPI, client: httpx.AsyncClient) -> None:
+async def test_ledger_and_usage_across_users(
+    app: FastAPI, client: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
     first = await create_user(app, credits="5")
     second = await create_user(app, credits="7")
     for user in (first, second, second):
@@ -123,3 +125,13 @@ async def test_ledger_and_usage_across_users(app: FastAPI, client: httpx.AsyncCl
     assert sum(row["requests"] for row in by_day.json()["data"]) == 3
     bad = await client.get("/admin/usage", headers=OPERATOR, params={"group_by": "planet"})
     assert bad.status_code == 400
+    # The daily rollup the settlement keeps adds up to exactly the usage records.
+    rollup = await db.fetchrow(
+        "SELECT sum(requests) AS r, sum(input_tokens) AS i, sum(output_tokens) AS o, sum(spent) AS s"
+        " FROM usage_daily"
+    )
+    raw = await db.fetchrow(
+        """SELECT count(*) AS r, sum(input_tokens) AS i, sum(output_tokens) AS o, sum(charged) AS s
+            FROM usage_records"""
+    )
+    assert rollup is not None and raw is not None and dict(rollup) == dict(raw)
