@@ -15,6 +15,7 @@ Redis layout (all keys expire on their own):
     gatewayz:rl:{k|u}:{id}:{rpm|rpd|tpm|tpd}:{window start}   counters (INCRBY), TTL 2 windows
     gatewayz:rl:{k|u}:{id}:conc                               ZSET lease id -> expiry (ms)
     gatewayz:rl:ip:{ip}:{window start}                        failed authentications per IP
+    gatewayz:rl:coupon:{u|ip}:{id}:{window start}             failed coupon codes per user / per IP
 
 Without Redis, or while Redis is unreachable, the limits are kept per process and divided by the
 number of processes that share them (WEB_CONCURRENCY x RATE_LIMIT_INSTANCES), never the full limit
@@ -509,13 +510,16 @@ class RateLimiter:
                 self.memory._add(self._key(s, "tpm", minute), delta, now, 2 * MINUTE)
                 self.memory._add(self._key(s, "tpd", day), delta, now, 2 * DAY)
 
-    # -- failed authentications per IP (key guessing) ---------------------------------------
+    # -- failures counted per minute (key guessing per IP, coupon-code guessing) --------------
 
-    async def ip_throttled(self, ip: str | None) -> float | None:
-        """Seconds to wait when this IP has failed authentication too often this minute."""
-        now = self.clock()
+    def _failure_key(self, name: str, now: float) -> str:
         minute, _, _ = _windows(now, MINUTE)
-        key = f"{self.prefix}:ip:{ip or 'unknown'}:{minute}"
+        return f"{self.prefix}:{name}:{minute}"
+
+    async def failures_throttled(self, name: str, *, limit: int) -> float | None:
+        """Seconds to wait when `name` has failed `limit` times this minute; None while under."""
+        now = self.clock()
+        key = self._failure_key(name, now)
         count: int | None = None
         if self._use_redis(now):
             try:
@@ -527,13 +531,12 @@ class RateLimiter:
                 self._redis_failed(exc, now)
         if count is None:
             count = self.memory._get(key, now)
-        return _reset_after(now, MINUTE) if count >= self.ip_failure_limit else None
+        return _reset_after(now, MINUTE) if count >= limit else None
 
-    async def record_ip_failure(self, ip: str | None) -> float | None:
-        """Count a failed authentication; seconds until the window ends once the IP is over the limit."""
+    async def record_failure(self, name: str, *, limit: int) -> float | None:
+        """Count a failure of `name`; seconds until the window ends once it is over `limit`."""
         now = self.clock()
-        minute, _, _ = _windows(now, MINUTE)
-        key = f"{self.prefix}:ip:{ip or 'unknown'}:{minute}"
+        key = self._failure_key(name, now)
         count: int | None = None
         if self._use_redis(now):
             try:
@@ -548,7 +551,15 @@ class RateLimiter:
         if count is None:
             self.memory._add(key, 1, now, 2 * MINUTE)
             count = self.memory._get(key, now)
-        return _reset_after(now, MINUTE) if count >= self.ip_failure_limit else None
+        return _reset_after(now, MINUTE) if count >= limit else None
+
+    async def ip_throttled(self, ip: str | None) -> float | None:
+        """Seconds to wait when this IP has failed authentication too often this minute."""
+        return await self.failures_throttled(f"ip:{ip or 'unknown'}", limit=self.ip_failure_limit)
+
+    async def record_ip_failure(self, ip: str | None) -> float | None:
+        """Count a failed authentication; seconds until the window ends once the IP is over the limit."""
+        return await self.record_failure(f"ip:{ip or 'unknown'}", limit=self.ip_failure_limit)
 
     async def usage(self, subject: Subject) -> dict[str, int]:
         """Current counts for one subject (for GET /user/limit)."""
