@@ -1,4 +1,4 @@
-"""Every /admin route and /metrics, found by walking the route table, refuse everyone but admins and the operator."""
+"""Every /admin route and /metrics, found from the route table, refuse all but admins and the operator."""
 
 from __future__ import annotations
 
