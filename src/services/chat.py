@@ -151,7 +151,7 @@ async def prepare(
             state.pool, user_id=user_id, session_id=wanted, messages=body["messages"]
         )
         windows = [c.context_length for c in candidates if c.context_length]
-        history = history_service.fit(
+        history = await history_service.fit(
             stored,
             body["messages"],
             tools=body.get("tools"),
@@ -274,7 +274,8 @@ def usage_for(prepared: Prepared, outcome: Outcome) -> Usage:
             )
             output_tokens = prepared.output_allowance
     else:
-        input_tokens = prepared.prompt_tokens
+        # Billed, so counted with the real tokenizer (`settle_usage` has loaded it), not bounded.
+        input_tokens = tokens.count_prompt(prepared.body["messages"], tools=prepared.body.get("tools"))
         output_tokens = tokens.count_text("".join(outcome.generated))
         estimated = True
     cost = credits.cost_of(candidate.price, input_tokens=input_tokens, output_tokens=output_tokens)
@@ -292,6 +293,13 @@ def usage_for(prepared: Prepared, outcome: Outcome) -> Usage:
         latency_ms=latency_ms,
         client_request_id=prepared.client_request_id,
     )
+
+
+async def settle_usage(prepared: Prepared, outcome: Outcome) -> Usage:
+    """`usage_for`, loading the tokenizer off the event loop first when tokens must be counted."""
+    if outcome.candidate is not None and _sane_usage(outcome.usage) is None:
+        await tokens.load()
+    return usage_for(prepared, outcome)
 
 
 def gateway_usage(candidate: Candidate, usage: Usage, charged: Decimal) -> dict[str, Any]:
@@ -358,7 +366,7 @@ async def complete(state: AppState, principal: Principal, prepared: Prepared, ho
         outcome.candidate, outcome.usage = candidate, payload.get("usage")
         if _sane_usage(outcome.usage) is None:
             outcome.generated = [_message_text(choice) for choice in payload["choices"]]
-        usage = usage_for(prepared, outcome)
+        usage = await settle_usage(prepared, outcome)
         charged = await _settle(
             state, principal, hold, usage, prepared=prepared, reply=_reply_text(payload["choices"])
         )
@@ -388,7 +396,7 @@ async def _settle_after_failure(
     state: AppState, principal: Principal, hold: Hold, prepared: Prepared, outcome: Outcome
 ) -> None:
     try:
-        usage = usage_for(prepared, outcome)
+        usage = await settle_usage(prepared, outcome)
         outcome.tokens = usage.input_tokens + usage.output_tokens
         # A stream the client left part-way is a turn too: what it received is kept.
         partial = outcome.status == "client_disconnect" and bool(outcome.reply)
@@ -526,7 +534,7 @@ async def relay_stream(
                 "The upstream provider failed while streaming.", outcome.error_code or "stream_error"
             )
             return
-        usage = usage_for(prepared, outcome)
+        usage = await settle_usage(prepared, outcome)
         outcome.tokens = usage.input_tokens + usage.output_tokens
         charged = await _settle(
             state, principal, hold, usage, prepared=prepared, reply="".join(outcome.reply)

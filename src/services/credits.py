@@ -30,6 +30,8 @@ logger = logging.getLogger("gatewayz.credits")
 
 CREDIT_QUANTUM = Decimal("0.0000000001")  # NUMERIC(20, 10)
 MAX_CREDITS = Decimal("9999999999.9999999999")  # the largest NUMERIC(20, 10)
+# On top of the prompt bound (services.tokens.estimate_prompt): it covers other models' tokenizers,
+# which count more tokens than o200k for some text, and the text the bound under-counts.
 PROMPT_MARGIN = Decimal("1.25")
 SWEEP_INTERVAL_SECONDS = 60.0
 

@@ -147,7 +147,7 @@ async def load(
     return Pending(session_id=wanted, user_id=user_id, user_turns=turns), stored
 
 
-def fit(
+async def fit(
     stored: list[ChatMessage],
     request_messages: list[dict[str, Any]],
     *,
@@ -158,20 +158,26 @@ def fit(
     """The newest stored turns that fit beside the request in the context window, oldest first."""
     usable = [m for m in stored if m.content]
     if context_length is None:
-        budget = None
-    else:
-        request_tokens = tokens.estimate_prompt(request_messages, tools=tools).text_tokens
-        budget = context_length - output_allowance - request_tokens
-        if budget < 0:
-            # The request alone does not fit: adding history could only make it worse.
-            return []
+        return [{"role": m.role, "content": m.content} for m in usable]
+    room = context_length - output_allowance
+    bound = tokens.estimate_prompt(request_messages, tools=tools).text_tokens + sum(
+        tokens.MESSAGE_OVERHEAD_TOKENS + tokens.estimate_text(m.content) for m in usable
+    )
+    if bound <= room:
+        # Everything fits even by the bound: no need for the tokenizer.
+        return [{"role": m.role, "content": m.content} for m in usable]
+    # Trimming keeps as many turns as really fit, so it counts them with the real tokenizer.
+    await tokens.load()
+    budget = room - tokens.count_prompt(request_messages, tools=tools)
+    if budget < 0:
+        # The request alone does not fit: adding history could only make it worse.
+        return []
     kept: list[ChatMessage] = []
     for message in reversed(usable):
-        if budget is not None:
-            needed = tokens.MESSAGE_OVERHEAD_TOKENS + tokens.count_text(message.content)
-            if needed > budget:
-                break
-            budget -= needed
+        needed = tokens.MESSAGE_OVERHEAD_TOKENS + tokens.count_text(message.content)
+        if needed > budget:
+            break
+        budget -= needed
         kept.append(message)
     return [{"role": m.role, "content": m.content} for m in reversed(kept)]
 

@@ -18,9 +18,10 @@ from fastapi import FastAPI
 from src.config import Settings
 from src.db import models as models_db
 from src.services import catalog as catalog_service
+from src.services import tokens
 from tests.factories import TestUser, create_user, create_user_for
 from tests.fakes.live_server import LiveServer
-from tests.fakes.upstream import DEFAULT_MODELS, FakeUpstream
+from tests.fakes.upstream import DEFAULT_CONTENT, DEFAULT_MODELS, FakeUpstream
 from tests.routes.test_chat import (
     MODEL,
     assert_ledger,
@@ -324,8 +325,11 @@ class TestUpstreamAnswersBadly:
 
         assert response.status_code == 200, response.text
         body = response.json()
-        assert body["usage"]["prompt_tokens"] > 0
-        assert body["usage"]["completion_tokens"] > 0
+        # Billed, so counted with the real tokenizer: not the (larger) bound the hold used.
+        messages = [{"role": "user", "content": "Say hello."}]
+        assert body["usage"]["prompt_tokens"] == tokens.count_prompt(messages)
+        assert body["usage"]["prompt_tokens"] < tokens.estimate_prompt(messages).text_tokens
+        assert body["usage"]["completion_tokens"] == tokens.count_text(DEFAULT_CONTENT)
         assert body["gateway_usage"]["estimated"] is True
         record = await assert_bounded_charge(db, user)
         assert record["estimated"] is True

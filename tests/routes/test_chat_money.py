@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from src.config import Settings
 from src.db import holds as holds_db
 from src.main import create_app
-from src.services import credits
+from src.services import credits, tokens
 from tests.factories import TestUser, app_state, create_user, create_user_for
 from tests.fakes.live_server import LiveServer
 from tests.fakes.upstream import FakeUpstream
@@ -260,7 +260,9 @@ async def test_a_stream_cut_by_the_client_is_billed_for_what_was_generated(
     await eventually(lambda: _has_rows(db, user.id))
     (row,) = await usage_rows(db, user.id)
     assert row["status"] == "client_disconnect" and row["estimated"] is True
-    assert row["input_tokens"] > 0 and row["output_tokens"] > 0
+    # The prompt is billed at its real token count, not at the bound the hold was sized with.
+    assert row["input_tokens"] == tokens.count_prompt(STREAM_BODY["messages"])
+    assert row["output_tokens"] > 0
     assert 0 < row["charged"] <= row["held"]
     expected = row["input_tokens"] * PROMPT_PRICE + row["output_tokens"] * COMPLETION_PRICE
     assert row["charged"] == row["cost"] == expected

@@ -315,10 +315,11 @@ class TestInjection:
         injected = sent[:-1]
         assert 0 < len(injected) < len(history)
         assert injected == history[-len(injected) :]  # the newest turns, in order
+        # Trimming counts with the real tokenizer: as many turns as really fit, not as the bound says.
         budget = context - max_tokens
-        assert tokens.estimate_prompt(sent).text_tokens <= budget
+        assert tokens.count_prompt(sent) <= budget
         one_more = [history[-len(injected) - 1], *sent]
-        assert tokens.estimate_prompt(one_more).text_tokens > budget
+        assert tokens.count_prompt(one_more) > budget
 
     async def test_request_that_alone_overflows_gets_no_history(
         self, app: FastAPI, client: httpx.AsyncClient, upstream: FakeUpstream
