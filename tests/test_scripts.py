@@ -60,11 +60,16 @@ class TestCreateUser:
 
         response = await client.get("/user/balance", headers={"Authorization": f"Bearer {api_key}"})
         assert response.status_code == 200
-        assert response.json() == {
+        body = response.json()
+        assert {k: body[k] for k in ("balance", "held", "available")} == {
             "balance": "5.0000000000",
             "held": "0.0000000000",
             "available": "5.0000000000",
         }
+        # The starting credits are an admin grant that never expires.
+        assert [(g["source"], g["remaining"], g["expires_at"]) for g in body["grants"]] == [
+            ("admin", "5.0000000000", None)
+        ]
         created = await db.fetchrow(
             "SELECT actor_type, actor_id FROM audit_logs WHERE action = 'user.create'"
         )
