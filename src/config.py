@@ -157,6 +157,12 @@ class Settings(BaseSettings):
     resend_api_key: SecretStr | None = None
     resend_api_url: str | None = None
     email_from: str = "Gatewayz <noreply@gatewayz.ai>"
+    # Signing secret of the Resend webhook (whsec_...): delivery and bounce events are refused without it.
+    resend_webhook_secret: SecretStr | None = None
+    # Days before a trial's end that the "trial expiring" e-mail goes out (0: none).
+    notify_trial_expiring_days: int = Field(3, ge=0, le=60)
+    # How often the outbox worker looks for due messages, in seconds.
+    notify_poll_interval_seconds: float = Field(5.0, gt=0)
     metrics_token: SecretStr | None = None
     supabase_url: str | None = None
     supabase_service_key: SecretStr | None = None

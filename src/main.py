@@ -30,6 +30,7 @@ from src.routes import (
     images,
     limits,
     metrics,
+    notifications,
     payments,
     plans,
     referrals,
@@ -114,6 +115,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin_billing.router)
     app.include_router(metrics.router)
     app.include_router(admin_ops.router)
+    app.include_router(notifications.router)
     openapi.install(app)
     return app
 

@@ -26,7 +26,7 @@ from src.config import Settings
 from src.security.auth_cache import AuthCache
 from src.security.client_ip import Network, parse_networks
 from src.security.failures import AuthFailureCounter
-from src.services import credits
+from src.services import credits, notifications
 from src.services.catalog import Catalog
 from src.services.provider_health import ProviderHealth
 from src.services.providers import ProviderClient, Timeouts, build_profiles
@@ -61,6 +61,9 @@ class AppState:
     # Work that outlives its request (stream settlement, for one) and must finish before exit.
     background: set[asyncio.Task[Any]] = field(default_factory=set)
     sweeper: asyncio.Task[None] | None = None
+    # E-mail: the backend the outbox worker delivers through, and the worker itself.
+    mailer: notifications.Backend = field(default_factory=notifications.LogBackend)
+    notifier: asyncio.Task[None] | None = None
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -135,14 +138,19 @@ async def open_state(settings: Settings) -> AppState:
     state.sweeper = asyncio.get_running_loop().create_task(
         credits.sweep_forever(pool, interval=settings.hold_sweep_interval_seconds)
     )
+    state.mailer = notifications.backend_for(settings)
+    state.notifier = asyncio.get_running_loop().create_task(
+        notifications.run_worker(pool, state.mailer, settings)
+    )
     return state
 
 
 async def close_state(state: AppState) -> None:
-    if state.sweeper is not None:
-        state.sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await state.sweeper
+    for task in (state.sweeper, state.notifier):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     # In-flight settlements get a deadline to finish; money is never left half-done because each
     # settlement is one statement. Tasks may spawn more (a cancelled stream spawns its settlement),
     # so drain until nothing is left or the deadline passes.

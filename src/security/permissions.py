@@ -29,6 +29,8 @@ PERMISSIONS: dict[str, str] = {
     "coupons.write": "Create, change and deactivate coupons",
     "trials.write": "Grant or extend users' trials",
     "metrics.read": "Read /metrics and the admin monitor",
+    "notifications.read": "Read the e-mail outbox and each message's delivery status",
+    "notifications.write": "Send test e-mails and announcements",
 }
 
 # Key scopes. A key holds '*' (every scope) unless created with a narrower list.

@@ -16,7 +16,7 @@ from src.errors import Conflict, InvalidRequest, NotFound, PermissionDenied
 from src.security import permissions
 from src.security.deps import Principal, RequestMeta
 from src.security.security import Environment, KeyCipher, NewKey, new_key
-from src.services import audit
+from src.services import audit, notifications
 from src.services import limits as limits_service
 from src.state import AppState
 
@@ -153,6 +153,10 @@ async def create_key(
             after=_audit_view(key),
             actor_type="system" if actor is None else None,
         )
+        if not is_primary:
+            # The primary key comes with sign-up, which the welcome e-mail covers.
+            by_admin = actor is not None and actor.user_id != owner_id
+            await notifications.api_key_created(conn, key=key, by_admin=by_admin)
     return key, material.plaintext
 
 

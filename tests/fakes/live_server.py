@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from types import TracebackType
+from typing import Self
 
 import uvicorn
 from fastapi import FastAPI
@@ -77,3 +78,39 @@ class LiveServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+class ServedFake:
+    """A fake outside service served by a LiveServer: `start`/`stop`, a context manager, its `url`.
+
+    Subclasses are dataclasses with a `_server: LiveServer | None = None` field and build their
+    FastAPI app in `_app`.
+    """
+
+    _server: LiveServer | None
+
+    def _app(self) -> FastAPI:
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        self._server = LiveServer(self._app()).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        """Where the fake answers: what the gateway's setting for the service points to."""
+        assert self._server is not None, f"{type(self).__name__} not started"
+        return self._server.url

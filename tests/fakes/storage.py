@@ -24,13 +24,12 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from tests.fakes.live_server import LiveServer
+from tests.fakes.live_server import LiveServer, ServedFake
 
 __all__ = ["DEFAULT_BUCKET", "SERVICE_KEY", "FakeStorage", "StoredObject"]
 
@@ -86,7 +85,7 @@ def _multipart(body: bytes, content_type: str) -> dict[str, tuple[str | None, by
 
 
 @dataclass
-class FakeStorage:
+class FakeStorage(ServedFake):
     service_key: str = SERVICE_KEY
     buckets: tuple[str, ...] = (DEFAULT_BUCKET,)
     fail_uploads: int | None = None
@@ -96,31 +95,6 @@ class FakeStorage:
     _tokens: dict[str, _Signed] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: LiveServer | None = None
-
-    # -- lifecycle -------------------------------------------------------
-
-    def start(self) -> Self:
-        self._server = LiveServer(self._app()).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    @property
-    def url(self) -> str:
-        """What SUPABASE_URL points to."""
-        assert self._server is not None, "FakeStorage not started"
-        return self._server.url
 
     # -- observation -----------------------------------------------------
 
