@@ -10,11 +10,11 @@ from datetime import date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 
 from src.deps import Conn, State
-from src.errors import NotFound
+from src.routes.path_ids import UserID
 from src.schemas.common import Page, Paging, Strict
 from src.security.deps import Principal, authenticate, request_meta, require_permission
 from src.services import admin_ops
@@ -34,13 +34,6 @@ DENIED: Responses = {
 }
 INVALID: Responses = {400: {"description": "An unknown field or an invalid value; `param` names it."}}
 NOT_FOUND: Responses = {404: {"description": "No such user."}}
-
-
-def _user_id(user_id: Annotated[str, Path(description="The user's id.")]) -> UUID:
-    try:
-        return UUID(user_id)
-    except ValueError:
-        raise NotFound("No such user.", param="user_id", code="user_not_found") from None
 
 
 class Standing(Strict):
@@ -75,9 +68,7 @@ async def list_users(
 
 
 @router.get("/users/{user_id}", responses={**DENIED, **NOT_FOUND})
-async def get_user(
-    actor: UsersReader, user_id: Annotated[UUID, Depends(_user_id)], conn: Conn, state: State
-) -> dict[str, Any]:
+async def get_user(actor: UsersReader, user_id: UserID, conn: Conn, state: State) -> dict[str, Any]:
     """Profile, balance, keys (masked), plan and the last 20 requests of one user."""
     return await admin_ops.user_detail(conn, state, user_id=user_id)
 
@@ -85,7 +76,7 @@ async def get_user(
 @router.put("/users/{user_id}", responses={**DENIED, **NOT_FOUND, **INVALID})
 async def update_user(
     actor: UsersWriter,
-    user_id: Annotated[UUID, Depends(_user_id)],
+    user_id: UserID,
     body: Standing,
     conn: Conn,
     state: State,

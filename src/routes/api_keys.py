@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-from uuid import UUID
+from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Request
 
 from src.deps import Conn, State
-from src.errors import NotFound
+from src.routes.path_ids import KeyID
 from src.schemas.api_keys import ApiKeyCreate, ApiKeyCreated, ApiKeyDeleted, ApiKeyUpdate, ApiKeyView
 from src.schemas.common import Page, Paging
 from src.security.deps import CurrentUser, request_meta
@@ -24,16 +23,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 _KEY_ERRORS: dict[int | str, dict[str, Any]] = {**_ERRORS, 404: {"description": "No such key among yours"}}
 
 
-def _key_id(key_id: Annotated[str, Path(description="The API key id.")]) -> UUID:
-    # A malformed id gets the same 404 as an unknown one: the format is nobody's business.
-    try:
-        return UUID(key_id)
-    except ValueError:
-        raise NotFound("No such API key.", param="key_id", code="api_key_not_found") from None
-
-
 # Routes declare the caller before the key id, so a request without a valid key gets 401 first.
-KeyID = Annotated[UUID, Depends(_key_id)]
 
 
 @router.post(

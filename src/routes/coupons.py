@@ -12,8 +12,7 @@ from fastapi import APIRouter, Depends, Header, Path, Request
 from fastapi.responses import JSONResponse
 
 from src.deps import Conn, State
-from src.errors import NotFound
-from src.schemas.api_keys import INT8_MAX
+from src.routes.path_ids import parse_serial
 from src.schemas.common import Page, Paging
 from src.schemas.coupons import (
     AdminCoupon,
@@ -51,10 +50,7 @@ CODE_TAKEN: Responses = {409: {"description": "Another coupon has this code."}}
 
 
 def _coupon_id(coupon_id: Annotated[str, Path(description="The coupon's id.")]) -> int:
-    # A malformed id gets the same 404 as an unknown one.
-    if coupon_id.isascii() and coupon_id.isdigit() and 0 < int(coupon_id) <= INT8_MAX:
-        return int(coupon_id)
-    raise NotFound("No such coupon.", param="coupon_id", code="coupon_not_found")
+    return parse_serial(coupon_id, param="coupon_id", what="coupon", code="coupon_not_found")
 
 
 CouponID = Annotated[int, Depends(_coupon_id)]

@@ -9,12 +9,11 @@ owner's cached keys are dropped); without Redis within AUTH_CACHE_TTL_SECONDS el
 from __future__ import annotations
 
 from typing import Annotated, Any
-from uuid import UUID
 
-from fastapi import APIRouter, Depends, Path, Request
+from fastapi import APIRouter, Depends, Request
 
 from src.deps import Conn, State
-from src.errors import NotFound
+from src.routes.path_ids import KeyID, UserID
 from src.schemas.limits import (
     AccountLimitsAndUsage,
     CallerLimits,
@@ -42,26 +41,6 @@ DENIED: Responses = {
 INVALID: Responses = {400: {"description": "An unknown field or an invalid value; `param` names it."}}
 USER_NOT_FOUND: Responses = {404: {"description": "No such user."}}
 KEY_NOT_FOUND: Responses = {404: {"description": "No such API key (or it is revoked)."}}
-
-
-def _uuid(value: str, *, param: str, what: str, code: str) -> UUID:
-    # A malformed id gets the same 404 as an unknown one.
-    try:
-        return UUID(value)
-    except ValueError:
-        raise NotFound(f"No such {what}.", param=param, code=code) from None
-
-
-def _user_id(user_id: Annotated[str, Path(description="The user's id.")]) -> UUID:
-    return _uuid(user_id, param="user_id", what="user", code="user_not_found")
-
-
-def _key_id(key_id: Annotated[str, Path(description="The API key's id.")]) -> UUID:
-    return _uuid(key_id, param="key_id", what="API key", code="api_key_not_found")
-
-
-UserID = Annotated[UUID, Depends(_user_id)]
-KeyID = Annotated[UUID, Depends(_key_id)]
 
 
 def _values(limits: limits_service.Limits) -> LimitValues:

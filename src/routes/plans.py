@@ -13,8 +13,7 @@ from fastapi import APIRouter, Depends, Path, Request
 
 from src.config import Settings
 from src.deps import Conn, State
-from src.errors import NotFound
-from src.schemas.api_keys import INT8_MAX
+from src.routes.path_ids import parse_serial
 from src.schemas.limits import LimitSettings, LimitUsage, LimitValues
 from src.schemas.plans import (
     AdminPlan,
@@ -48,10 +47,7 @@ NAME_TAKEN: Responses = {409: {"description": "The name or the Stripe price belo
 
 
 def _plan_id(plan_id: Annotated[str, Path(description="The plan's id.")]) -> int:
-    # A malformed id gets the same 404 as an unknown one.
-    if plan_id.isascii() and plan_id.isdigit() and 0 < int(plan_id) <= INT8_MAX:
-        return int(plan_id)
-    raise NotFound("No such plan.", param="plan_id", code="plan_not_found")
+    return parse_serial(plan_id, param="plan_id", what="plan", code="plan_not_found")
 
 
 PlanID = Annotated[int, Depends(_plan_id)]
