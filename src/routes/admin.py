@@ -91,6 +91,7 @@ async def create_user(
         role=body.role,
         actor=actor,
         meta=request_meta(request, state),
+        trial=body.trial,
     )
     assert user.email is not None
     return CreatedUser(

@@ -35,6 +35,10 @@ class CreateUser(Strict):
         description="Starting credits, written to the ledger (needs `credits.write` as well).",
     )
     role: RoleName = Field("user", description="The account's role; see GET /admin/roles.")
+    trial: bool = Field(
+        False,
+        description="Give the account a trial with the TRIAL_* settings (needs `trials.write` as well).",
+    )
 
     @field_validator("email")
     @classmethod

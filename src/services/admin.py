@@ -38,8 +38,9 @@ async def create_user(
     role: str,
     actor: Principal,
     meta: RequestMeta,
+    trial: bool = False,
 ) -> tuple[User, str]:
-    """A new account with its primary key (plaintext, shown once) and optional starting credits."""
+    """A new account with its primary key (plaintext, shown once), optional starting credits and trial."""
     async with conn.transaction():
         target = await roles_db.get_role(conn, name=role)
         if target is None:
@@ -49,8 +50,10 @@ async def create_user(
         roles_service.ensure_may_grant(granted, target.permissions)
         if credits > 0:
             roles_service.ensure_may_grant(granted, ["credits.write"])
+        if trial:
+            roles_service.ensure_may_grant(granted, ["trials.write"])
         return await users_service.create_user_as_admin(
-            conn, state, email=email, credits=credits, role=role, actor=actor, meta=meta
+            conn, state, email=email, credits=credits, role=role, actor=actor, meta=meta, trial=trial
         )
 
 

@@ -30,7 +30,8 @@ MISSING = object()
 
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
-    return {"privy_app_id": APP_ID, "privy_verification_key": PUBLIC_PEM}
+    # Sign-up trials are tested in tests/routes/test_trials.py; here a new account starts empty.
+    return {"privy_app_id": APP_ID, "privy_verification_key": PUBLIC_PEM, "trial_on_signup": False}
 
 
 def new_sub() -> str:
