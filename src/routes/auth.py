@@ -56,10 +56,12 @@ async def login(
         access_token=body_token or header_token,
         identity_token=body.identity_token if body else None,
         meta=request_meta(request, state),
+        referral_code=body.referral_code if body else None,
     )
     return LoginResponse(
         user=Profile.model_validate(users_service.public_profile(result.user)),
         balance=Balance.model_validate(users_service.balance_of(result.user), from_attributes=True),
         api_key=result.api_key,
         is_new_user=result.is_new,
+        referral=result.referral,
     )

@@ -45,6 +45,12 @@ class PrivyLogin(Strict):
         max_length=MAX_TOKEN_LENGTH,
         description="The Privy identity token; its verified e-mail is attached to a new account.",
     )
+    referral_code: str | None = Field(
+        None,
+        max_length=64,
+        description="A referral code, attached only when this login creates the account.",
+        examples=["K7QX2MPA"],
+    )
 
 
 class Balance(BaseModel):
@@ -86,6 +92,13 @@ class LoginResponse(BaseModel):
     balance: Balance
     api_key: str = Field(description="The account's primary API key; keep it secret.")
     is_new_user: bool = Field(description="True when this login created the account.")
+    referral: (
+        Literal["attached", "unknown_code", "self_referral", "max_uses_reached", "existing_account"] | None
+    ) = Field(
+        None,
+        description="What became of `referral_code`: attached, or why not (a code is attached only when"
+        " the account is created). Null when no code was sent.",
+    )
 
 
 class ProfileUpdate(Strict):

@@ -27,6 +27,9 @@ from src.errors import (
 from src.security.deps import Principal, RequestMeta
 from src.services import api_keys as keys_service
 from src.services import audit, grants
+from src.services import notifications as notifications_service
+from src.services import referrals as referrals_service
+from src.services import trials as trials_service
 from src.services.grants import Grant
 from src.services.privy import PrivyVerifier, get_verifier, normalise_email
 from src.state import AppState
@@ -48,6 +51,8 @@ class LoginResult:
     user: User
     api_key: str
     is_new: bool
+    # What became of a referral code sent with the login (None: none was sent).
+    referral: referrals_service.SignupOutcome | None = None
 
 
 def balance_of(user: User) -> Balance:
@@ -176,16 +181,39 @@ async def login_with_privy(
     access_token: str | None,
     identity_token: str | None,
     meta: RequestMeta,
+    referral_code: str | None = None,
 ) -> LoginResult:
-    """Verify the Privy tokens; create the user and primary key on first login."""
+    """Verify the Privy tokens; create the user and primary key on first login.
+
+    A referral code is attached only when this login creates the account.
+    """
     privy_id, email = await _verify_privy(
         conn, state, access_token=access_token, identity_token=identity_token, meta=meta
     )
     plaintext: str | None = None
+    referral: referrals_service.SignupOutcome | None = None
     async with conn.transaction():
         # Serialise logins of one Privy user so two concurrent first logins create one account.
         await users_db.lock_identity(conn, name="privy:" + privy_id)
         user, is_new = await _find_or_create_privy_user(conn, privy_id=privy_id, email=email, meta=meta)
+        if is_new:
+            await notifications_service.welcome(conn, user_id=user.id)
+        if is_new and await trials_service.start_signup_trial(
+            conn, state.settings, user_id=user.id, privy_id=privy_id, email=email
+        ):
+            user = await get_user(conn, user_id=user.id)
+        if referral_code is not None:
+            referral = "existing_account"
+            if is_new:
+                referral = await referrals_service.attach_at_signup(
+                    conn,
+                    state.settings,
+                    user_id=user.id,
+                    code=referral_code,
+                    privy_id=privy_id,
+                    email=email,
+                    meta=meta,
+                )
         if not user.can_act:
             await audit.record(
                 conn,
@@ -220,7 +248,7 @@ async def login_with_privy(
     if plaintext is None:
         # Raised after the transaction, so the failed-login audit row is kept.
         raise PermissionDenied("This account is disabled.", code="account_disabled")
-    return LoginResult(user=user, api_key=plaintext, is_new=is_new)
+    return LoginResult(user=user, api_key=plaintext, is_new=is_new, referral=referral)
 
 
 async def create_user_as_admin(
@@ -233,8 +261,9 @@ async def create_user_as_admin(
     actor: Principal | None,
     meta: RequestMeta | None,
     reason: str = "initial credits",
+    trial: bool = False,
 ) -> tuple[User, str]:
-    """An operator-made account with a primary key and optional starting credits."""
+    """An operator-made account with a primary key, optional starting credits and, if asked, a trial."""
     email = normalise_email(email)
     async with conn.transaction():
         await users_db.lock_identity(conn, name="email:" + email)
@@ -271,6 +300,19 @@ async def create_user_as_admin(
                 actor=actor,
                 meta=meta,
                 in_transaction=True,
+            )
+        if trial:
+            await trials_service.grant_trial(
+                conn,
+                state.settings,
+                user_id=user.id,
+                credits=None,
+                days=None,
+                max_tokens=None,
+                max_requests=None,
+                reason="trial asked for at account creation",
+                actor=actor,
+                meta=meta,
             )
         fresh = await users_db.get_user(conn, user_id=user.id)
         assert fresh is not None
