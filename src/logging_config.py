@@ -185,8 +185,11 @@ _ROUTED_LOGGERS = (
     "asyncpg",
     "httpx",
     "httpcore",
+    "stripe",
 )
-_NOISY_LOGGERS = ("httpx", "httpcore")  # log request URLs (with query strings) at INFO
+# httpx and httpcore log request URLs (with query strings) at INFO; the stripe SDK logs each call at
+# INFO and request bodies (customer e-mails) at DEBUG.
+_NOISY_LOGGERS = ("httpx", "httpcore", "stripe")
 
 
 class _StderrHandler(logging.StreamHandler[Any]):
