@@ -212,18 +212,27 @@ class MemoryCounters:
         self.expiry[key] = now + ttl
 
     def _leases(self, key: str, now: float) -> dict[str, float]:
+        """The live leases of `key`. Every lease lasts the same time, so insertion order is expiry
+        order and the expired ones lead: dropping them costs nothing per live lease."""
         leases = self.leases.setdefault(key, {})
-        for lease, expires in list(leases.items()):
-            if expires <= now:
-                del leases[lease]
+        while leases:
+            lease, expires = next(iter(leases.items()))
+            if expires > now:
+                break
+            del leases[lease]
         return leases
 
     def sweep(self, now: float) -> None:
         for key in [k for k, expires in self.expiry.items() if expires <= now]:
             self.counters.pop(key, None)
             self.expiry.pop(key, None)
-        for key in [k for k, leases in self.leases.items() if not self._leases(k, now)]:
-            del self.leases[key]
+        for key in list(self.leases):
+            # A full pass, in case the clock stepped back and left an expired lease behind a live one.
+            leases = self.leases[key]
+            for lease in [lease for lease, expires in leases.items() if expires <= now]:
+                del leases[lease]
+            if not leases:
+                del self.leases[key]
 
 
 @dataclass(frozen=True)
