@@ -103,7 +103,7 @@ async def set_expiry(
     """Move the expiry of a user's live grants of `source` (one of them, with `reference`)."""
     result = await conn.execute(
         """UPDATE credit_grants SET expires_at = $4
-            WHERE user_id = $1 AND source = $2 AND ($3::text IS NULL OR reference = $3) AND remaining > 0""",
+            WHERE user_id = $1 AND source = $2 AND ($3::text IS NULL OR reference = $3) AND live""",
         user_id,
         source,
         reference,
@@ -116,7 +116,7 @@ async def users_with_due_grants(conn: asyncpg.Connection, *, limit: int = 500) -
     rows = await conn.fetch(
         """SELECT DISTINCT user_id FROM (
                 SELECT user_id FROM credit_grants
-                WHERE remaining > 0 AND expires_at <= now() ORDER BY expires_at LIMIT $1
+                WHERE live AND expires_at <= now() ORDER BY expires_at LIMIT $1
             ) due""",
         limit,
     )
@@ -134,7 +134,7 @@ async def live_grants(conn: asyncpg.Connection, *, user_id: UUID) -> list[Grant]
     """Grants with credits left that have not reached their expiry, soonest-expiring first."""
     rows = await conn.fetch(
         f"""SELECT {GRANT_COLUMNS} FROM credit_grants
-            WHERE user_id = $1 AND remaining > 0 AND (expires_at IS NULL OR expires_at > now())
+            WHERE user_id = $1 AND live AND (expires_at IS NULL OR expires_at > now())
             ORDER BY expires_at ASC NULLS LAST, id""",
         user_id,
     )

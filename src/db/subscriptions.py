@@ -75,7 +75,7 @@ async def earlier_allowances(
     """References (invoice ids) of the user's live subscription grants whose period ends by `ending_by`."""
     rows = await conn.fetch(
         """SELECT reference FROM credit_grants
-            WHERE user_id = $1 AND source = 'subscription' AND remaining > 0
+            WHERE user_id = $1 AND source = 'subscription' AND live
               AND expires_at IS NOT NULL AND expires_at <= $2 AND reference <> $3
             ORDER BY expires_at, id""",
         user_id,
