@@ -154,6 +154,20 @@ def uptime() -> str:
     return subprocess.run([_tool("uptime")], capture_output=True, text=True, check=False).stdout.strip()
 
 
+def cpu_probe() -> float:
+    """Seconds one core takes for ten million iterations of a pure-Python loop (best of three
+    runs of a million, scaled). Shared and virtual machines change speed over minutes; rows taken
+    at different probe values are not comparable, and figures scale roughly with it."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(1_000_000):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return round(best * 10, 3)
+
+
 def _ms(value: float | None) -> float | None:
     return round(value, 3) if value is not None else None
 
@@ -378,7 +392,8 @@ class Bench:
     def scenario(self, scenario: Scenario, gateway: Gateway, phase: str) -> dict[str, Any]:
         conns, slow, stream = scenario.connections, scenario.slow, scenario.stream
         label = f"{scenario.name}{'+redis' if phase == 'redis' else ''}"
-        print(f"\n[{label}] {uptime()}", flush=True)
+        probe = cpu_probe()
+        print(f"\n[{label}] {uptime()}; cpu probe {probe} s", flush=True)
         before = ledger.usage_counts(self.dsn)
         warm = self.load(
             gateway.port,
@@ -429,6 +444,7 @@ class Bench:
             "stream": stream,
             "upstream_latency_ms": 50 if slow else 0,
             "note": scenario.note,
+            "cpu_probe_s": probe,
             "gateway": gw,
             "direct": dr,
             "warmup": summary(warm),
@@ -466,7 +482,11 @@ class Bench:
         """Mixed load (every fourth connection streams) with the workers' RSS every minute."""
         seconds = minutes * 60
         conns = self.args.soak_connections
-        print(f"\n[soak] {minutes:g} min, {conns} connections (1 in 4 streaming); {uptime()}", flush=True)
+        print(
+            f"\n[soak] {minutes:g} min, {conns} connections (1 in 4 streaming); {uptime()};"
+            f" cpu probe {cpu_probe()} s",
+            flush=True,
+        )
         holder: dict[str, LoadResult] = {}
         before = ledger.usage_counts(self.dsn)
 
@@ -595,6 +615,7 @@ COLUMNS = (
     ("RSS start>end MiB", 17),
     ("errors", 6),
     ("ledger", 6),
+    ("probe s", 7),
 )
 
 
@@ -629,6 +650,7 @@ def render_rows(rows: list[dict[str, Any]], header: bool = True) -> str:
             rss,
             row["errors"],
             "exact" if row["ledger"]["exact"] else "WRONG",
+            _fmt(row.get("cpu_probe_s")),
         ]
         lines.append(
             "  ".join(
