@@ -10,6 +10,7 @@ from typing import Any, cast
 from uuid import UUID
 
 import asyncpg
+import httpx
 from fastapi import FastAPI
 
 from src import db_config
@@ -18,6 +19,7 @@ from src.security.security import Environment
 from src.services import api_keys as keys_service
 from src.services import users as users_service
 from src.state import AppState
+from tests.conftest import TEST_ADMIN_KEY
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,24 @@ async def create_user(
             conn, state, email=email, credits=Decimal(credits), role=role, actor=None, meta=None
         )
     return TestUser(id=user.id, email=email, api_key=plaintext)
+
+
+async def create_user_with_permissions(
+    app: FastAPI, client: httpx.AsyncClient, permissions: list[str]
+) -> TestUser:
+    """A user holding a new role with exactly `permissions`, made through the admin routes."""
+    operator = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
+    name = f"role-{uuid.uuid4().hex[:8]}"
+    made = await client.post(
+        "/admin/roles", headers=operator, json={"name": name, "description": name, "permissions": permissions}
+    )
+    assert made.status_code == 201, made.text
+    user = await create_user(app)
+    assigned = await client.post(
+        "/admin/roles/assign", headers=operator, json={"user_id": str(user.id), "role": name}
+    )
+    assert assigned.status_code == 200, assigned.text
+    return user
 
 
 async def create_user_for(

@@ -53,7 +53,8 @@ def _plan_id(plan_id: Annotated[str, Path(description="The plan's id.")]) -> int
 PlanID = Annotated[int, Depends(_plan_id)]
 
 
-def _public(plan: plans_service.Plan, settings: Settings) -> PlanOut:
+def plan_view(plan: plans_service.Plan, settings: Settings) -> PlanOut:
+    """A plan as the API shows it, with the limits in force (settings defaults where it sets none)."""
     return PlanOut(
         id=plan.id,
         name=plan.name,
@@ -72,7 +73,7 @@ def _public(plan: plans_service.Plan, settings: Settings) -> PlanOut:
 
 def _admin(plan: plans_service.Plan, settings: Settings) -> AdminPlan:
     return AdminPlan(
-        **_public(plan, settings).model_dump(),
+        **plan_view(plan, settings).model_dump(),
         limit_settings=LimitSettings.model_validate(plan.limits),
         stripe_price_id=plan.stripe_price_id,
         is_active=plan.is_active,
@@ -84,7 +85,7 @@ def _admin(plan: plans_service.Plan, settings: Settings) -> AdminPlan:
 def _user_plan(view: plans_service.UserPlanView, settings: Settings) -> dict[str, Any]:
     return {
         "user_id": view.user_id,
-        "plan": _public(view.plan, settings),
+        "plan": plan_view(view.plan, settings),
         "status": view.status,
         "source": view.source,
         "current_period_start": view.current_period_start,
@@ -97,13 +98,13 @@ def _user_plan(view: plans_service.UserPlanView, settings: Settings) -> dict[str
 async def list_plans(conn: Conn, state: State) -> PlanList:
     """The plans on offer."""
     plans = await plans_service.list_plans(conn, active_only=True)
-    return PlanList(data=[_public(plan, state.settings) for plan in plans])
+    return PlanList(data=[plan_view(plan, state.settings) for plan in plans])
 
 
 @router.get("/plans/{plan_id}", tags=["plans"], responses=PLAN_NOT_FOUND)
 async def get_plan(plan_id: PlanID, conn: Conn, state: State) -> PlanOut:
     """One plan on offer."""
-    return _public(await plans_service.get_public_plan(conn, plan_id=plan_id), state.settings)
+    return plan_view(await plans_service.get_public_plan(conn, plan_id=plan_id), state.settings)
 
 
 @router.get(

@@ -12,8 +12,7 @@ from fastapi import APIRouter, Header
 from fastapi.responses import JSONResponse
 
 from src.deps import Conn, State
-from src.schemas.limits import LimitValues
-from src.schemas.plans import PlanOut
+from src.routes.plans import plan_view
 from src.schemas.subscriptions import (
     Allowance,
     CancelSubscription,
@@ -24,9 +23,7 @@ from src.schemas.subscriptions import (
 )
 from src.security.deps import CurrentUser
 from src.services import idempotency
-from src.services import limits as limits_service
 from src.services import subscriptions as subscriptions_service
-from src.services.plans import Plan
 
 router = APIRouter(prefix="/api/stripe", tags=["subscriptions"])
 
@@ -46,27 +43,10 @@ IdempotencyKey = Annotated[
 ]
 
 
-def _plan(plan: Plan, state: State) -> PlanOut:
-    return PlanOut(
-        id=plan.id,
-        name=plan.name,
-        description=plan.description,
-        price_cents=plan.price_cents,
-        currency=plan.currency,
-        billing_interval=plan.billing_interval,
-        credits_included=plan.credits_included,
-        limits=LimitValues.model_validate(
-            limits_service.plan_limits(state.settings, plan.limits), from_attributes=True
-        ),
-        features=plan.features,
-        is_default=plan.is_default,
-    )
-
-
 def _view(view: subscriptions_service.SubscriptionView, state: State) -> SubscriptionOut:
     return SubscriptionOut(
         id=view.id,
-        plan=_plan(view.plan, state),
+        plan=plan_view(view.plan, state.settings),
         status=view.status,
         current_period_start=view.current_period_start,
         current_period_end=view.current_period_end,

@@ -18,7 +18,7 @@ from src.services import analytics as analytics_service
 from src.services import grants
 from src.services import trials as trials_service
 from tests.conftest import TEST_ADMIN_KEY
-from tests.factories import TestUser, app_state, create_user
+from tests.factories import TestUser, app_state, create_user, create_user_with_permissions
 from tests.money import assert_money_invariants
 
 OPERATOR = {"Authorization": f"Bearer {TEST_ADMIN_KEY}"}
@@ -279,24 +279,10 @@ class TestWindow:
 
 class TestPermission:
     async def test_needs_billing_read(self, app: FastAPI, client: httpx.AsyncClient) -> None:
-        async def with_role(permissions: list[str]) -> TestUser:
-            name = "role-" + "-".join(p.replace(".", "") for p in permissions)
-            made = await client.post(
-                "/admin/roles",
-                headers=OPERATOR,
-                json={"name": name, "description": name, "permissions": permissions},
-            )
-            assert made.status_code == 201, made.text
-            user = await create_user(app)
-            assigned = await client.post(
-                "/admin/roles/assign", headers=OPERATOR, json={"user_id": str(user.id), "role": name}
-            )
-            assert assigned.status_code == 200, assigned.text
-            return user
 
         plain = await create_user(app)
-        other = await with_role(["trials.write", "billing.write"])
-        reader = await with_role(["billing.read"])
+        other = await create_user_with_permissions(app, client, ["trials.write", "billing.write"])
+        reader = await create_user_with_permissions(app, client, ["billing.read"])
         assert (await client.get(URL, params=WINDOW)).status_code == 401
         for user in (plain, other):
             refused = await client.get(URL, headers=user.headers, params=WINDOW)

@@ -26,7 +26,7 @@ from fastapi import FastAPI
 from src.services import notifications
 from src.services.notifications import LogBackend
 from tests.conftest import TEST_ADMIN_KEY
-from tests.factories import TestUser, app_state, create_user
+from tests.factories import TestUser, app_state, create_user, create_user_with_permissions
 
 APP_ID = "cm-gatewayz-notifications-test"
 SIGNING_KEY = ec.generate_private_key(ec.SECP256R1())
@@ -80,20 +80,6 @@ async def queue_receipt(app: FastAPI, user: TestUser, reference: str) -> None:
             currency="usd",
             credits=Decimal("20"),
         )
-
-
-async def role_user(client: httpx.AsyncClient, app: FastAPI, permissions: list[str]) -> TestUser:
-    name = f"role-{uuid.uuid4().hex[:8]}"
-    made = await client.post(
-        "/admin/roles", headers=OPERATOR, json={"name": name, "description": name, "permissions": permissions}
-    )
-    assert made.status_code == 201, made.text
-    user = await create_user(app)
-    assigned = await client.post(
-        "/admin/roles/assign", headers=OPERATOR, json={"user_id": str(user.id), "role": name}
-    )
-    assert assigned.status_code == 200, assigned.text
-    return user
 
 
 class TestWelcome:
@@ -222,7 +208,7 @@ class TestMyNotifications:
 class TestAdmin:
     async def test_non_admins_are_refused(self, app: FastAPI, client: httpx.AsyncClient) -> None:
         user = await create_user(app)
-        reader = await role_user(client, app, ["notifications.read"])
+        reader = await create_user_with_permissions(app, client, ["notifications.read"])
         for method, path, body in (
             ("GET", "/admin/notifications", None),
             ("POST", "/admin/notifications/test", {"to": "x@example.com"}),

@@ -25,7 +25,7 @@ from src.config import Settings
 from src.services import grants
 from src.services import trials as trials_service
 from tests.conftest import TEST_ADMIN_KEY
-from tests.factories import TestUser, app_state, create_user
+from tests.factories import app_state, create_user, create_user_with_permissions
 from tests.fakes.upstream import FakeUpstream
 from tests.money import assert_money_invariants
 
@@ -342,20 +342,6 @@ async def extend(
     return await client.post(f"/admin/trials/{user_id}/extend", headers=headers, json=body)
 
 
-async def role_user(app: FastAPI, client: httpx.AsyncClient, permissions: list[str]) -> TestUser:
-    name = f"role-{uuid.uuid4().hex[:8]}"
-    made = await client.post(
-        "/admin/roles", headers=OPERATOR, json={"name": name, "description": name, "permissions": permissions}
-    )
-    assert made.status_code == 201, made.text
-    user = await create_user(app)
-    assigned = await client.post(
-        "/admin/roles/assign", headers=OPERATOR, json={"user_id": str(user.id), "role": name}
-    )
-    assert assigned.status_code == 200, assigned.text
-    return user
-
-
 class TestAdminGrant:
     async def test_operator_grants_a_trial_audited(
         self, app: FastAPI, client: httpx.AsyncClient, db: asyncpg.Connection
@@ -387,14 +373,14 @@ class TestAdminGrant:
     async def test_needs_trials_write(
         self, app: FastAPI, client: httpx.AsyncClient, db: asyncpg.Connection
     ) -> None:
-        reader = await role_user(app, client, ["billing.read", "users.write"])
+        reader = await create_user_with_permissions(app, client, ["billing.read", "users.write"])
         target = await create_user(app)
         for response in (
             await grant(client, target.id, {}, reader.headers),
             await extend(client, target.id, {"days": 1}, reader.headers),
         ):
             assert response.status_code == 403 and response.json()["error"]["code"] == "permission_denied"
-        writer = await role_user(app, client, ["trials.write"])
+        writer = await create_user_with_permissions(app, client, ["trials.write"])
         assert (await grant(client, target.id, {}, writer.headers)).status_code == 201
         [row] = await audit_rows(db, "trial.grant")
         assert (row["actor_type"], row["user_id"]) == ("user", target.id)
@@ -417,7 +403,7 @@ class TestAdminCreateUserTrial:
     async def test_asking_for_a_trial_needs_trials_write(
         self, app: FastAPI, client: httpx.AsyncClient, db: asyncpg.Connection
     ) -> None:
-        creator = await role_user(app, client, ["users.write"])
+        creator = await create_user_with_permissions(app, client, ["users.write"])
         response = await client.post(
             "/admin/users", headers=creator.headers, json={"email": "t@example.com", "trial": True}
         )
