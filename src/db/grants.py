@@ -1,7 +1,8 @@
 """SQL for credit grants: every addition of credits, its source, what is left of it and its expiry.
 
-The money moves themselves are database functions (migration 20261126000700_grants.sql), so each
-is one round trip and runs under the user's row lock: gw_grant, gw_debit, gw_expire_due, gw_settle.
+The money moves themselves are database functions (migrations 20261126000700_grants.sql and
+20261126001800_settlement.sql), so each is one round trip and runs under the user's row lock:
+gw_grant, gw_debit, gw_expire_due, gw_settle.
 """
 
 from __future__ import annotations

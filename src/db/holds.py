@@ -77,7 +77,8 @@ async def settle(
     actor: str,
 ) -> Settlement | None:
     """Release the hold and charge `cost`, once; None when the hold was already settled or swept."""
-    # One round trip: gw_settle (migration 20261126000700) runs every step under the user's row lock.
+    # One round trip: gw_settle (migration 20261126001800_settlement.sql) runs every step under the
+    # user's row lock.
     row = await conn.fetchrow(
         "SELECT charge, shortfall, balance_after FROM gw_settle($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
         hold_id,

@@ -1,5 +1,5 @@
--- Usage per day (UTC), user, key, model and provider, kept by the settlement in the same transaction
--- as the usage record: admin usage reports and today's figures read these rows instead of
+-- Usage per day (UTC), user, key, model and provider, kept by the settlement (gw_settle, migration
+-- 20261126001800) in the same transaction as the usage record: admin usage reports and today's figures read these rows instead of
 -- aggregating millions of usage records.
 CREATE TABLE usage_daily (
     day date NOT NULL,
@@ -26,78 +26,3 @@ SELECT (created_at AT TIME ZONE 'UTC')::date, user_id,
        count(*), count(*) FILTER (WHERE error_code IS NOT NULL OR status = 'upstream_error'),
        sum(input_tokens), sum(output_tokens), sum(charged), sum(shortfall)
 FROM usage_records GROUP BY 1, 2, 3, 4, 5;
-
-CREATE OR REPLACE FUNCTION gw_settle(
-    p_hold uuid, p_cost numeric, p_provider text, p_input_tokens integer, p_output_tokens integer,
-    p_input_cost numeric, p_output_cost numeric, p_estimated boolean, p_status text, p_error_code text,
-    p_latency_ms integer, p_client_request_id text, p_actor text
-) RETURNS TABLE (charge numeric, shortfall numeric, balance_after numeric)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    h record;
-    cur numeric;
-    hld numeric;
-    taken numeric;
-    bal numeric;
-    used_up boolean;
-BEGIN
-    DELETE FROM credit_holds WHERE id = p_hold
-    RETURNING user_id, api_key_id, amount, model, request_type INTO h;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    PERFORM 1 FROM users WHERE id = h.user_id FOR UPDATE;
-    IF EXISTS (
-        SELECT 1 FROM credit_grants
-        WHERE user_id = h.user_id AND remaining > 0 AND expires_at <= now()
-    ) THEN
-        PERFORM gw_expire_due(h.user_id);
-    END IF;
-    SELECT credits, held INTO cur, hld FROM users WHERE id = h.user_id;
-    taken := LEAST(p_cost, GREATEST(cur - hld + h.amount, 0));
-    UPDATE users SET held = held - h.amount, credits = credits - taken,
-        updated_at = CASE WHEN taken > 0 THEN now() ELSE updated_at END
-    WHERE id = h.user_id
-    RETURNING credits INTO bal;
-    INSERT INTO usage_records (request_id, user_id, api_key_id, model, provider, request_type,
-        input_tokens, output_tokens, input_cost, output_cost, cost, charged, shortfall, held,
-        estimated, status, error_code, latency_ms, client_request_id)
-    VALUES (p_hold, h.user_id, h.api_key_id, h.model, p_provider, h.request_type, p_input_tokens,
-        p_output_tokens, p_input_cost, p_output_cost, p_cost, taken, p_cost - taken, h.amount,
-        p_estimated, p_status, p_error_code, p_latency_ms, p_client_request_id)
-    ON CONFLICT (request_id) DO NOTHING;
-    IF FOUND THEN
-        INSERT INTO usage_daily AS d (day, user_id, api_key_id, model, provider, requests, errors,
-            input_tokens, output_tokens, spent, shortfall)
-        VALUES ((now() AT TIME ZONE 'UTC')::date, h.user_id,
-            COALESCE(h.api_key_id, '00000000-0000-0000-0000-000000000000'), h.model, COALESCE(p_provider, ''),
-            1, CASE WHEN p_error_code IS NOT NULL OR p_status = 'upstream_error' THEN 1 ELSE 0 END,
-            p_input_tokens, p_output_tokens, taken, p_cost - taken)
-        ON CONFLICT (day, user_id, api_key_id, model, provider) DO UPDATE SET
-            requests = d.requests + 1, errors = d.errors + EXCLUDED.errors,
-            input_tokens = d.input_tokens + EXCLUDED.input_tokens,
-            output_tokens = d.output_tokens + EXCLUDED.output_tokens,
-            spent = d.spent + EXCLUDED.spent, shortfall = d.shortfall + EXCLUDED.shortfall;
-    END IF;
-    IF taken > 0 THEN
-        PERFORM gw_consume(h.user_id, taken, NULL, NULL);
-        INSERT INTO credit_transactions (user_id, amount, balance_after, type, reason, actor, reference)
-        VALUES (h.user_id, -taken, bal, 'usage', h.model, p_actor, p_hold::text);
-    END IF;
-    IF p_status <> 'expired' THEN
-        UPDATE trials t SET used_tokens = t.used_tokens + p_input_tokens + p_output_tokens,
-            used_requests = t.used_requests + 1
-        WHERE t.user_id = h.user_id AND t.status = 'active'
-        RETURNING (t.used_tokens >= t.max_tokens OR t.used_requests >= t.max_requests) INTO used_up;
-        IF used_up THEN
-            UPDATE trials SET status = 'used_up', ended_at = now() WHERE user_id = h.user_id;
-            UPDATE credit_grants SET expires_at = now()
-            WHERE user_id = h.user_id AND source = 'trial' AND remaining > 0;
-            PERFORM gw_expire_due(h.user_id);
-            SELECT credits INTO bal FROM users WHERE id = h.user_id;
-        END IF;
-    END IF;
-    RETURN QUERY SELECT taken, p_cost - taken, bal;
-END
-$$;
