@@ -24,6 +24,7 @@ per process; Redis is tried again every RATE_LIMIT_REDIS_RETRY_SECONDS.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -34,6 +35,7 @@ from typing import Any
 from uuid import UUID
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from src.errors import RateLimited
 from src.services import metrics
@@ -192,6 +194,12 @@ end
 return 1
 """
 
+# Redis names a loaded script by the SHA1 of its body (an identifier, not a security use).
+_SCRIPT_SHA = {
+    script: hashlib.sha1(script.encode(), usedforsecurity=False).hexdigest()
+    for script in (ADMIT_SCRIPT, TOKENS_SCRIPT, FINISH_SCRIPT)
+}
+
 
 class MemoryCounters:
     """The same algorithm in one process's memory (no await between check and update)."""
@@ -269,6 +277,15 @@ class RateLimiter:
         self._sweep_at = 0.0
 
     # -- backend selection ------------------------------------------------------------------
+
+    async def _script(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """Run a Lua script by its SHA1 (its body is not sent again); by its body the first time
+        this Redis sees it, or after a restart or SCRIPT FLUSH."""
+        assert self.redis is not None
+        try:
+            return await self.redis.evalsha(_SCRIPT_SHA[script], len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.redis.eval(script, len(keys), *keys, *args)
 
     def _use_redis(self, now: float) -> bool:
         return self.redis is not None and now >= self.redis_down_until
@@ -368,7 +385,7 @@ class RateLimiter:
                 self._key(s, "conc"),
             ]
             args += [s.limits.rpm_limit, s.limits.rpd_limit, s.limits.concurrency_limit]
-        raw = await self.redis.eval(ADMIT_SCRIPT, len(keys), *keys, *args)
+        raw = await self._script(ADMIT_SCRIPT, keys, args)
         return _decision(raw)
 
     def _admit_memory(self, subjects: tuple[Subject, ...], lease: str, now: float) -> Decision:
@@ -464,7 +481,7 @@ class RateLimiter:
                 self._key(s, "tpd", prev_day),
             ]
             args += [s.limits.tpm_limit, s.limits.tpd_limit]
-        raw = await self.redis.eval(TOKENS_SCRIPT, len(keys), *keys, *args)
+        raw = await self._script(TOKENS_SCRIPT, keys, args)
         return _decision(raw)
 
     def _tokens_memory(self, subjects: tuple[Subject, ...], amount: int, now: float) -> Decision:
@@ -506,9 +523,7 @@ class RateLimiter:
                 keys: list[str] = []
                 for s in admission.subjects:
                     keys += [self._key(s, "conc"), self._key(s, "tpm", minute), self._key(s, "tpd", day)]
-                await self.redis.eval(
-                    FINISH_SCRIPT, len(keys), *keys, admission.lease_id, delta, 2 * MINUTE, 2 * DAY
-                )
+                await self._script(FINISH_SCRIPT, keys, [admission.lease_id, delta, 2 * MINUTE, 2 * DAY])
                 self._redis_ok()
             except Exception as exc:
                 self._redis_failed(exc, now)

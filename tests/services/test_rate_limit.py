@@ -214,6 +214,36 @@ class TestFallback:
             await client.aclose()
 
 
+class TestScripts:
+    async def test_scripts_run_by_sha_and_reload_after_a_flush(self, redis_url: str) -> None:
+        client = Redis.from_url(redis_url)
+        limiter = RateLimiter(
+            redis=client, divisor=1, lease_seconds=60, clock=Clock(), prefix=f"t:{uuid.uuid4().hex}"
+        )
+        key = subject(rpm_limit=3, concurrency_limit=5)
+        await client.script_flush()
+        first = await limiter.admit((key,))  # Redis has not seen the script: sent by its body
+        await limiter.reserve_tokens(first, 10)
+        await limiter.finish(first, actual_tokens=5)
+        assert limiter.redis_healthy
+        calls_before = await _evalsha_calls(client)
+        second = await limiter.admit((key,))  # loaded now: by its SHA1 alone
+        assert await _evalsha_calls(client) == calls_before + 1
+        await limiter.finish(second)
+        await client.script_flush()  # a restarted Redis: loaded again, nothing lost
+        assert await admit_ok(limiter, key)
+        assert not await admit_ok(limiter, key)  # the fourth request of the minute
+        assert limiter.redis_healthy
+        usage = await limiter.usage(key)
+        assert (usage["rpm"], usage["tpm"]) == (3, 5)
+        await client.aclose()
+
+
+async def _evalsha_calls(client: Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
 class TestIpThrottle:
     async def test_failures_throttle_that_ip_only(self, limiter_factory) -> None:  # type: ignore[no-untyped-def]
         limiter = limiter_factory(Clock(), ip_failure_limit=5)
