@@ -120,8 +120,12 @@ async def assert_ledger(db: asyncpg.Connection) -> None:
         assert row["credits"] >= 0, row
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 3.0) -> None:
-    """Poll `check` until it holds (a settlement after a disconnect runs in a task of its own)."""
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    """Poll `check` until it holds (a settlement after a disconnect runs in a task of its own).
+
+    Generous: a worker's first settlement without provider usage loads the tokenizer first (about
+    0.7 s on a quiet machine, several seconds on a busy one); polling returns as soon as it holds.
+    """
     deadline = asyncio.get_running_loop().time() + timeout
     while not await check():
         if asyncio.get_running_loop().time() > deadline:
