@@ -13,11 +13,15 @@ import uuid
 from typing import Any
 
 import orjson
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from src.errors import REQUEST_ID_HEADER, error_body, internal_error_body
 from src.logging_config import request_id_var
 from src.services import metrics
+
+# No response was sent: the client closed the request first (the status nginx logs for it).
+CLIENT_CLOSED_REQUEST = 499
 
 access_logger = logging.getLogger("gatewayz.access")
 error_logger = logging.getLogger("gatewayz.errors")
@@ -114,6 +118,11 @@ class RequestContextMiddleware:
                 too_large = True
             else:
                 await self.app(scope, receive_wrapper, send_wrapper)
+        except ClientDisconnect:
+            # The client left before its request body arrived: nobody to answer and nothing was
+            # started on its behalf. Logged as 499 (the client closed the request), not as a fault.
+            if not response_started:
+                status = CLIENT_CLOSED_REQUEST
         except Exception as exc:
             if not isinstance(exc, _BodyTooLarge) and not too_large:
                 error_logger.error("unhandled error", exc_info=exc)

@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
+from starlette.types import Message
 
 from src.config import Settings
 from src.errors import Conflict
@@ -122,6 +123,49 @@ class TestErrorShapes:
         logged = capsys.readouterr().err
         assert "req-boom-1" in logged and "RuntimeError" in logged
         assert "sk-abcdefghijklmnopqrstuvwx" not in logged
+
+
+class TestClientGone:
+    async def test_a_client_gone_before_its_body_is_logged_499_not_an_error(
+        self, settings: Settings, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        app: FastAPI = create_app(settings)
+        reached: list[str] = []
+
+        @app.post("/test/read")
+        async def read(request: Request) -> dict[str, str]:
+            await request.body()
+            reached.append("after the body")
+            return {}
+
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.disconnect"}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/test/read",
+            "raw_path": b"/test/read",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"10")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("127.0.0.1", 8000),
+        }
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+        assert sent == [] and reached == []  # nobody to answer, nothing done past the body
+        logged = capsys.readouterr().err
+        assert '"status":499' in logged
+        assert "unhandled error" not in logged and "Traceback" not in logged
 
 
 class TestRequestId:

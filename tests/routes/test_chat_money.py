@@ -279,11 +279,17 @@ async def test_a_client_gone_before_the_first_byte_leaves_no_hold(
     live_gateway: LiveServer, gateway_settings: Settings, upstream: FakeUpstream, db: asyncpg.Connection
 ) -> None:
     user = await create_user_for(gateway_settings, credits="1")
-    upstream.set_fault(delay=0.5)
+    upstream.set_fault(delay=1.0)
     upstream.set_reply(chunks=20, chunk_delay=0.2)
-    async with httpx.AsyncClient(base_url=live_gateway.url, timeout=0.2) as client:
-        with pytest.raises(httpx.ReadTimeout):
-            await client.post("/v1/chat/completions", json=STREAM_BODY, headers=user.headers)
+    async with httpx.AsyncClient(base_url=live_gateway.url, timeout=30.0) as client:
+        call = asyncio.create_task(
+            client.post("/v1/chat/completions", json=STREAM_BODY, headers=user.headers)
+        )
+        # The client leaves once the gateway holds credits and waits on the upstream's first byte.
+        assert await upstream.wait_until_async(lambda: upstream.in_flight == 1, timeout=10.0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
 
     # The upstream answers after the client left: the gateway settles and closes it at once.
     await eventually(lambda: _has_rows(db, user.id))
