@@ -1,7 +1,10 @@
 -- Credit grants: every addition of credits, with its source and expiry. Usage consumes the grant
 -- that expires soonest first; an expiry is a ledger row, so users.credits = sum of the ledger holds.
 --
--- Invariants kept by the functions below (each takes the user's row lock first, so every change of
+-- The functions that spend and expire grants and settle requests (gw_expire_due, gw_consume,
+-- gw_due_expiry, gw_settle) are in 20261126001800_settlement.sql, after the tables they write.
+--
+-- Invariants kept by these functions (each takes the user's row lock first, so every change of
 -- one user's grants is serialised):
 --   users.credits = sum(credit_transactions.amount)
 --   sum(credit_grants.remaining) = GREATEST(users.credits, 0)
@@ -26,11 +29,16 @@ CREATE TABLE credit_grants (
     expired_amount numeric(20, 10) NOT NULL DEFAULT 0,
     reason text,
     created_at timestamptz NOT NULL DEFAULT now(),
+    -- What the live-grant indexes name instead of `remaining`: it changes only when a grant runs
+    -- out or expires, so spending from a grant (every settlement) is a HOT update that touches no
+    -- index; with `remaining` in an index predicate every settlement would write a new row version
+    -- elsewhere and an entry in every index of the table.
+    live boolean GENERATED ALWAYS AS (remaining > 0) STORED,
     UNIQUE (source, reference)
-);
+) WITH (fillfactor = 80);  -- room on each page for the new versions of its rows
 
-CREATE INDEX credit_grants_live_idx ON credit_grants (user_id, expires_at, id) WHERE remaining > 0;
-CREATE INDEX credit_grants_due_idx ON credit_grants (expires_at) WHERE remaining > 0 AND expires_at IS NOT NULL;
+CREATE INDEX credit_grants_live_idx ON credit_grants (user_id, expires_at, id) WHERE live;
+CREATE INDEX credit_grants_due_idx ON credit_grants (expires_at) WHERE live AND expires_at IS NOT NULL;
 CREATE INDEX credit_grants_user_idx ON credit_grants (user_id, created_at DESC);
 
 -- Balances that existed before grants: one never-expiring grant each.
@@ -56,53 +64,6 @@ CREATE TABLE trials (
 );
 
 CREATE INDEX trials_started_idx ON trials (started_at);
-
--- Expire every due grant of one user: one 'expiry' ledger row per grant. The caller holds the
--- user's row lock. Returns the amount expired.
-CREATE FUNCTION gw_expire_due(p_user uuid) RETURNS numeric
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    g record;
-    total numeric := 0;
-    bal numeric;
-BEGIN
-    FOR g IN
-        SELECT id, remaining FROM credit_grants
-        WHERE user_id = p_user AND remaining > 0 AND expires_at <= now()
-        ORDER BY expires_at, id
-    LOOP
-        UPDATE users SET credits = credits - g.remaining, updated_at = now()
-        WHERE id = p_user RETURNING credits INTO bal;
-        INSERT INTO credit_transactions (user_id, amount, balance_after, type, reason, actor, reference, once_key)
-        VALUES (p_user, -g.remaining, bal, 'expiry', 'credits expired', 'system:expiry', g.id::text,
-                'expiry:' || g.id::text);
-        UPDATE credit_grants SET expired_amount = g.remaining, remaining = 0, expired_at = now()
-        WHERE id = g.id;
-        total := total + g.remaining;
-    END LOOP;
-    RETURN total;
-END
-$$;
-
--- Take `p_amount` out of the live grants of one user: the named grant first (if any), then the
--- soonest-expiring (never-expiring last). The caller holds the row lock and has already expired
--- what was due; anything beyond the grants is debt (credits below zero).
-CREATE FUNCTION gw_consume(p_user uuid, p_amount numeric, p_source text, p_reference text) RETURNS void
-LANGUAGE sql AS $$
-    UPDATE credit_grants g SET remaining = g.remaining - c.take
-    FROM (
-        SELECT id, LEAST(remaining, GREATEST(p_amount - (sum(remaining) OVER w - remaining), 0)) AS take
-        FROM credit_grants
-        WHERE user_id = p_user AND remaining > 0
-        WINDOW w AS (
-            ORDER BY (source = p_source AND reference = p_reference) IS TRUE DESC,
-                     expires_at ASC NULLS LAST, id
-            ROWS UNBOUNDED PRECEDING
-        )
-    ) c
-    WHERE g.id = c.id AND c.take > 0
-$$;
 
 -- Add credits as a grant and its ledger row. Nothing (no row returned) when the grant
 -- (source, reference) exists already, or when the user does not.
@@ -183,80 +144,6 @@ BEGIN
     RETURNING credits INTO bal;
     RETURN QUERY SELECT bal, tid;
 END
-$$;
-
--- Settle one request: release its hold, expire what is due, charge the real cost (beyond the hold
--- only from what is still available, never below zero), consume grants soonest-expiring first,
--- write the usage record and the ledger row, and count a trial's use (ending the trial and its
--- grant at a limit). Nothing when the hold was already settled or swept.
-CREATE FUNCTION gw_settle(
-    p_hold uuid, p_cost numeric, p_provider text, p_input_tokens integer, p_output_tokens integer,
-    p_input_cost numeric, p_output_cost numeric, p_estimated boolean, p_status text, p_error_code text,
-    p_latency_ms integer, p_client_request_id text, p_actor text
-) RETURNS TABLE (charge numeric, shortfall numeric, balance_after numeric)
-LANGUAGE plpgsql AS $$
-#variable_conflict use_column
-DECLARE
-    h record;
-    cur numeric;
-    hld numeric;
-    taken numeric;
-    bal numeric;
-    used_up boolean;
-BEGIN
-    DELETE FROM credit_holds WHERE id = p_hold
-    RETURNING user_id, api_key_id, amount, model, request_type INTO h;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    PERFORM 1 FROM users WHERE id = h.user_id FOR UPDATE;
-    IF EXISTS (
-        SELECT 1 FROM credit_grants
-        WHERE user_id = h.user_id AND remaining > 0 AND expires_at <= now()
-    ) THEN
-        PERFORM gw_expire_due(h.user_id);
-    END IF;
-    SELECT credits, held INTO cur, hld FROM users WHERE id = h.user_id;
-    taken := LEAST(p_cost, GREATEST(cur - hld + h.amount, 0));
-    UPDATE users SET held = held - h.amount, credits = credits - taken,
-        updated_at = CASE WHEN taken > 0 THEN now() ELSE updated_at END
-    WHERE id = h.user_id
-    RETURNING credits INTO bal;
-    INSERT INTO usage_records (request_id, user_id, api_key_id, model, provider, request_type,
-        input_tokens, output_tokens, input_cost, output_cost, cost, charged, shortfall, held,
-        estimated, status, error_code, latency_ms, client_request_id)
-    VALUES (p_hold, h.user_id, h.api_key_id, h.model, p_provider, h.request_type, p_input_tokens,
-        p_output_tokens, p_input_cost, p_output_cost, p_cost, taken, p_cost - taken, h.amount,
-        p_estimated, p_status, p_error_code, p_latency_ms, p_client_request_id)
-    ON CONFLICT (request_id) DO NOTHING;
-    IF taken > 0 THEN
-        PERFORM gw_consume(h.user_id, taken, NULL, NULL);
-        INSERT INTO credit_transactions (user_id, amount, balance_after, type, reason, actor, reference)
-        VALUES (h.user_id, -taken, bal, 'usage', h.model, p_actor, p_hold::text);
-    END IF;
-    IF p_status <> 'expired' THEN
-        UPDATE trials t SET used_tokens = t.used_tokens + p_input_tokens + p_output_tokens,
-            used_requests = t.used_requests + 1
-        WHERE t.user_id = h.user_id AND t.status = 'active'
-        RETURNING (t.used_tokens >= t.max_tokens OR t.used_requests >= t.max_requests) INTO used_up;
-        IF used_up THEN
-            UPDATE trials SET status = 'used_up', ended_at = now() WHERE user_id = h.user_id;
-            UPDATE credit_grants SET expires_at = now()
-            WHERE user_id = h.user_id AND source = 'trial' AND remaining > 0;
-            PERFORM gw_expire_due(h.user_id);
-            SELECT credits INTO bal FROM users WHERE id = h.user_id;
-        END IF;
-    END IF;
-    RETURN QUERY SELECT taken, p_cost - taken, bal;
-END
-$$;
-
--- Credits of a user's grants that are past their expiry but not yet written off by the sweeper or
--- a balance change: every balance read subtracts them, so no one sees (or spends) expired credits.
-CREATE FUNCTION gw_due_expiry(p_user uuid) RETURNS numeric
-LANGUAGE sql STABLE AS $$
-    SELECT COALESCE(sum(remaining), 0) FROM credit_grants
-    WHERE user_id = p_user AND remaining > 0 AND expires_at <= now()
 $$;
 
 -- Idempotency-Key on money-moving POSTs: the first request with a key runs, its answer is kept,

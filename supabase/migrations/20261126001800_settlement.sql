@@ -13,20 +13,13 @@
 --   every call: 0.1-0.2 ms each on a 2-core machine);
 -- - spending takes the soonest-expiring grant alone when it covers the charge (one index probe,
 --   one row), the window over every live grant otherwise;
--- - spending is a HOT update: the live-grant indexes name `live`, a stored flag that changes only
---   when a grant runs out or expires, not `remaining`, so the settlement's update of `remaining`
---   leaves every indexed column as it was and the new row version stays on its page (before, each
---   settlement wrote a new version elsewhere and an entry in every index of credit_grants).
+-- - spending is a HOT update: the live-grant indexes name `live` (see credit_grants), so the
+--   settlement's update of `remaining` leaves every indexed column as it was and the new row
+--   version stays on its page.
 
-ALTER TABLE credit_grants ADD COLUMN live boolean GENERATED ALWAYS AS (remaining > 0) STORED;
--- Room on each page for the new versions of its rows.
-ALTER TABLE credit_grants SET (fillfactor = 80);
-DROP INDEX credit_grants_live_idx;
-DROP INDEX credit_grants_due_idx;
-CREATE INDEX credit_grants_live_idx ON credit_grants (user_id, expires_at, id) WHERE live;
-CREATE INDEX credit_grants_due_idx ON credit_grants (expires_at) WHERE live AND expires_at IS NOT NULL;
-
-CREATE OR REPLACE FUNCTION gw_expire_due(p_user uuid) RETURNS numeric
+-- Expire every due grant of one user: one 'expiry' ledger row per grant. The caller holds the
+-- user's row lock. Returns the amount expired.
+CREATE FUNCTION gw_expire_due(p_user uuid) RETURNS numeric
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -52,7 +45,9 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION gw_due_expiry(p_user uuid) RETURNS numeric
+-- Credits of a user's grants past their expiry but not yet written off: every balance read
+-- subtracts them, so no one sees (or spends) expired credits.
+CREATE FUNCTION gw_due_expiry(p_user uuid) RETURNS numeric
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
     RETURN (
@@ -62,7 +57,10 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION gw_consume(p_user uuid, p_amount numeric, p_source text, p_reference text)
+-- Take `p_amount` out of the live grants of one user: the named grant first (if any), then the
+-- soonest-expiring (never-expiring last). The caller holds the row lock and has expired what was
+-- due; anything beyond the grants is debt (credits below zero).
+CREATE FUNCTION gw_consume(p_user uuid, p_amount numeric, p_source text, p_reference text)
 RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -98,7 +96,7 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION gw_settle(
+CREATE FUNCTION gw_settle(
     p_hold uuid, p_cost numeric, p_provider text, p_input_tokens integer, p_output_tokens integer,
     p_input_cost numeric, p_output_cost numeric, p_estimated boolean, p_status text, p_error_code text,
     p_latency_ms integer, p_client_request_id text, p_actor text
