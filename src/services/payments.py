@@ -693,7 +693,12 @@ async def _claw_back_dispute(conn: asyncpg.Connection, payment: Payment, row: Di
         )
     taken = max(take, Decimal(0))
     await payments_db.record_dispute_clawback(conn, dispute_id=row.dispute_id, credits=taken)
-    disputed = payment.credits_disputed + taken
+    await _set_disputed(conn, payment, payment.credits_disputed + taken)
+    logger.info("payment %s: dispute %s clawed back %s credits", payment.id, row.dispute_id, taken)
+
+
+async def _set_disputed(conn: asyncpg.Connection, payment: Payment, disputed: Decimal) -> None:
+    """Record the credits a payment's disputes hold back now, and the status that follows."""
     await payments_db.record_disputed(
         conn,
         payment_id=payment.id,
@@ -705,7 +710,6 @@ async def _claw_back_dispute(conn: asyncpg.Connection, payment: Payment, row: Di
             credits_disputed=disputed,
         ),
     )
-    logger.info("payment %s: dispute %s clawed back %s credits", payment.id, row.dispute_id, taken)
 
 
 async def _restore_dispute(conn: asyncpg.Connection, payment: Payment, row: Dispute) -> None:
@@ -723,18 +727,7 @@ async def _restore_dispute(conn: asyncpg.Connection, payment: Payment, row: Disp
         actor=ACTOR,
         reason=f"dispute {row.dispute_id} won",
     )
-    disputed = max(payment.credits_disputed - row.credits_clawed_back, Decimal(0))
-    await payments_db.record_disputed(
-        conn,
-        payment_id=payment.id,
-        credits_disputed=disputed,
-        status=_derived_status(
-            payment,
-            paid=payment.granted_at is not None,
-            refunded_cents=payment.refunded_cents,
-            credits_disputed=disputed,
-        ),
-    )
+    await _set_disputed(conn, payment, max(payment.credits_disputed - row.credits_clawed_back, Decimal(0)))
     logger.info(
         "payment %s: dispute %s won, %s credits restored", payment.id, row.dispute_id, row.credits_clawed_back
     )
